@@ -1,0 +1,207 @@
+"""Command line: ``finetune {recipes,train,evaluate,predict,push,glue}``.
+
+Each command parses its settings into the typed config, then hands over to one pipeline function.
+User errors (FinetuneError) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finetune import __version__
+from finetune.errors import USAGE_EXIT_CODE, FinetuneError
+
+USAGE = """\
+usage: finetune <command> [args]
+
+commands:
+  recipes                       list the shipped recipes
+  train [RECIPE] [--flag v ...]  fine-tune (RECIPE: shipped name such as glue-mrpc, or a YAML path)
+  evaluate MODEL [--split S]    metrics of a run directory or Hub id on a task split
+  predict MODEL [--split S]     write predictions (with label names) for a split
+  push RUN_DIR [--dry_run]      upload a finished run to the Hub with a model card
+  glue --model_name_or_path X   fine-tune and evaluate on the GLUE tasks, write tables and a submission
+
+Every setting of `finetune train --help` can be given in a recipe or as --flag value.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else USAGE_EXIT_CODE
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        return fail(f"unknown command '{command}' (commands: {', '.join(COMMANDS)})")
+    quiet_third_party_logs()
+    try:
+        return COMMANDS[command](rest) or 0
+    except FinetuneError as error:
+        return fail(str(error))
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+
+
+def fail(message: str) -> int:
+    print(f"finetune: error: {message}", file=sys.stderr)
+    return USAGE_EXIT_CODE
+
+
+def quiet_third_party_logs() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("datasets").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def split_positional(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(first argument if it is not a flag, the rest)."""
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def show_help(prog: str, intro: str) -> int:
+    from finetune.config import argument_parser
+
+    parser = argument_parser(prog)
+    parser.usage = f"{prog} {intro}"
+    parser.print_help()
+    return 0
+
+
+def parsed_config(recipe: str | None, argv: list[str], overrides: dict[str, Any] | None = None):
+    from finetune import mirror
+    from finetune.config import parse_run_config
+
+    config = parse_run_config(recipe, argv, overrides)
+    mirror.use_mirror(config.hub.hub_mirror)
+    return config
+
+
+def cmd_recipes(argv: list[str]) -> int:
+    from finetune.config import print_recipes
+
+    print_recipes()
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        return show_help("finetune train", "[RECIPE] [--flag value ...]")
+    recipe, rest = split_positional(argv)
+    config = parsed_config(recipe, rest)
+    from finetune import pipeline
+
+    metrics = pipeline.train(config)
+    if config.training.process_index == 0:
+        print_metrics_table(metrics["eval"])
+        print(f"run saved to {config.training.output_dir}")
+        maybe_push(config)
+    return 0
+
+
+def maybe_push(config) -> None:
+    if not config.training.push_to_hub:
+        return
+    from finetune import publish
+
+    publish.push_run(config.training.output_dir, config=config)
+
+
+def split_option(argv: list[str]) -> tuple[list[str] | None, list[str]]:
+    """(--split values, remaining argv)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--split", default=None)
+    known, rest = parser.parse_known_args(argv)
+    return (known.split.split(",") if known.split else None), rest
+
+
+def inference_config(argv: list[str], prog: str):
+    """Config for evaluate/predict: the run's own saved data settings, the model, then overrides."""
+    if any(a in ("-h", "--help") for a in argv):
+        show_help(prog, "MODEL [--split SPLIT] [--flag value ...]")
+        raise SystemExit(0)
+    model, rest = split_positional(argv)
+    if model is None:
+        raise FinetuneError(f"{prog} needs MODEL: a run directory or a Hub id")
+    splits, rest = split_option(rest)
+    from finetune.config import DataConfig, load_saved_config
+
+    saved = load_saved_config(model) if Path(model).is_dir() else {}
+    # The run's own data settings (task, columns, lengths) make `evaluate RUN_DIR` need no other flags.
+    overrides: dict[str, Any] = {
+        k: v for k, v in saved.get("data", {}).items() if k in DataConfig.__dataclass_fields__ and v is not None
+    }
+    keep = ("tokenizer_name", "attn_implementation", "trust_remote_code")
+    overrides.update({k: v for k, v in saved.get("model", {}).items() if k in keep and v is not None})
+    overrides["model_name_or_path"] = model
+    overrides["load_best_model_at_end"] = False
+    return parsed_config(None, rest, overrides), splits
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    config, splits = inference_config(argv, "finetune evaluate")
+    from finetune import pipeline
+
+    results = pipeline.evaluate(config, splits)
+    if config.training.process_index == 0:
+        print_metrics_table(results)
+        print(f"metrics written to {Path(config.training.output_dir) / 'eval_results.json'}")
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    config, splits = inference_config(argv, "finetune predict")
+    from finetune import pipeline
+
+    paths = pipeline.predict(config, splits)
+    for split, path in paths.items():
+        print(f"{split}: predictions written to {path}")
+    return 0
+
+
+def cmd_push(argv: list[str]) -> int:
+    from finetune import publish
+
+    return publish.main(argv)
+
+
+def cmd_glue(argv: list[str]) -> int:
+    from finetune import glue_benchmark
+
+    return glue_benchmark.main(argv)
+
+
+def print_metrics_table(results: dict[str, dict[str, Any]]) -> None:
+    """split | metric | value, one line per metric."""
+    rows = [(split, name, value) for split, values in results.items() for name, value in values.items()
+            if not name.endswith(("runtime", "per_second", "_loss")) and name != "epoch"]
+    if not rows:
+        return
+    width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    for split, name, value in rows:
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{split:<{width[0]}}  {name:<{width[1]}}  {shown}")
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "recipes": cmd_recipes,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "push": cmd_push,
+    "glue": cmd_glue,
+}

@@ -1,0 +1,308 @@
+"""Typed run configuration: recipes (YAML), command-line overrides, and the resolved config file.
+
+Four dataclasses describe a run. Their field docs (``metadata["help"]``) are the ``--help`` text, and
+flag names follow ``run_glue.py`` and ``TrainingArguments`` so that users' habits carry over. A recipe
+is a YAML file with one section per dataclass (``model``, ``data``, ``training``, ``hub``); values from
+the command line override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy
+
+from finetune.errors import FinetuneError
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained checkpoint to start from and how to load it."""
+
+    model_name_or_path: str = field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        metadata={"help": "Hub id or local path of the pretrained checkpoint (or of a finetune run directory)."},
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "GGUF file inside the checkpoint repo (e.g. SmolLM2-135M-Instruct.Q4_1.gguf). It is "
+            "dequantized once and the dense copy is cached, so later runs load it directly."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer id or path, when it differs from the model's."}
+    )
+    revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2. Default: the model's best available."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+
+
+@dataclass
+class DataConfig:
+    """What to train and evaluate on, and how to tokenize it."""
+
+    task: str = field(
+        default="glue",
+        metadata={"help": "Task family: glue (sentence classification), summarization or translation."},
+    )
+    task_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Preset of the task family: a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, ax), "
+            "a summarization or translation preset. Presets fill in dataset, columns and metrics."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset id on the Hub (or mirror); default: the preset's."}
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Dataset configuration name; default: the preset's."}
+    )
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training file: csv, tsv, json, jsonl or parquet."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (same formats)."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test file (same formats) for predict."})
+    text_column: str | None = field(
+        default=None, metadata={"help": "Column with the (first) input text; default: the preset's, else 'sentence'."}
+    )
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Column with the second text of a sentence pair, if any."}
+    )
+    label_column: str | None = field(default=None, metadata={"help": "Column with the label; default 'label'."})
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Inputs are truncated to this many tokens (padding is dynamic per batch)."}
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every example to max_seq_length (what run_glue.py does; slower, kept for comparison)."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the training set to this many examples."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Truncate each evaluation set to this many examples."}
+    )
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the prediction set to this many examples."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Re-tokenize instead of reading the datasets cache."}
+    )
+
+
+@dataclass
+class HubConfig:
+    """Where models come from offline, and what a push would do."""
+
+    hub_mirror: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder laid out like the Hub (models/<org>/<name>, datasets/<org>/<name>); ids found there load "
+            "from it, others from the Hub. Default: $FINETUNE_HUB_MIRROR."
+        },
+    )
+    dry_run: bool = field(
+        default=False, metadata={"help": "With push_to_hub: print what would be uploaded instead of uploading."}
+    )
+
+
+def _training_default(name: str, value: Any, help: str | None = None) -> Any:
+    """A TrainingArguments field with our default and, optionally, our help text."""
+    parent = TrainingArguments.__dataclass_fields__[name]
+    metadata = dict(parent.metadata)
+    if help:
+        metadata["help"] = help
+    return field(default=value, metadata=metadata)
+
+
+@dataclass
+class TrainConfig(TrainingArguments):
+    """``TrainingArguments`` with defaults for fine-tuning: evaluate and save each epoch, keep the best."""
+
+    output_dir: str | None = _training_default(
+        "output_dir", None, "Run directory for checkpoints, model, metrics and predictions. Default: runs/<recipe>."
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output_dir (its old files may be replaced)."}
+    )
+    eval_strategy: IntervalStrategy | str = _training_default("eval_strategy", "epoch")
+    save_strategy: SaveStrategy | str = _training_default("save_strategy", "epoch")
+    load_best_model_at_end: bool = _training_default("load_best_model_at_end", True)
+    save_total_limit: int | None = _training_default("save_total_limit", 1)
+    logging_steps: float = _training_default("logging_steps", 20)
+    per_device_train_batch_size: int = _training_default("per_device_train_batch_size", 32)
+    per_device_eval_batch_size: int = _training_default("per_device_eval_batch_size", 64)
+    warmup_steps: float = _training_default("warmup_steps", 0.1)
+    weight_decay: float = _training_default("weight_decay", 0.01)
+    train_sampling_strategy: str = _training_default("train_sampling_strategy", "group_by_length")
+    hub_strategy: HubStrategy | str = _training_default("hub_strategy", "end")
+
+
+CONFIG_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainConfig,
+    "hub": HubConfig,
+}
+RESOLVED_CONFIG_NAME = "finetune_config.yaml"
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs, as parsed from recipe + overrides."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainConfig
+    hub: HubConfig
+    recipe: str | None = None
+    explicit: frozenset[str] = frozenset()  # fields the recipe or the command line set
+
+    def to_dict(self) -> dict[str, Any]:
+        """Sections as plain YAML-able values; token fields are redacted by TrainingArguments."""
+        training = {k: v for k, v in self.training.to_dict().items() if not k.startswith("_")}
+        return {
+            "recipe": str(self.recipe) if self.recipe else None,
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "training": training,
+            "hub": dataclasses.asdict(self.hub),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / RESOLVED_CONFIG_NAME
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line and exit code 2 (argparse prints usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise FinetuneError(message)
+
+
+def argument_parser(prog: str = "finetune train") -> HfArgumentParser:
+    parser = _Parser(list(CONFIG_SECTIONS.values()), prog=prog, add_help=True)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipe name -> file, for the YAML recipes shipped inside the package."""
+    folder = resources.files("finetune.recipes")
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith((".yaml", ".yml"))
+    }
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """The file of a shipped recipe name, or the given path if it is a file."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    recipes = shipped_recipes()
+    if name_or_path in recipes:
+        return recipes[name_or_path]
+    raise FinetuneError(f"no recipe '{name_or_path}': not a file and not a shipped recipe (see `finetune recipes`)")
+
+
+def recipe_description(path: Path) -> str:
+    """The first comment line of a recipe, which says what it is."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    """Flat {field: value} from a recipe's sections, checking every key is a known field."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise FinetuneError(f"malformed YAML in recipe {path}{at}: {getattr(error, 'problem', error)}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise FinetuneError(f"recipe {path} must be a mapping of sections {sorted(CONFIG_SECTIONS)}")
+    flat: dict[str, Any] = {}
+    for section, values in document.items():
+        if section not in CONFIG_SECTIONS:
+            raise FinetuneError(
+                f"unknown section '{section}' in recipe {path}; expected one of {', '.join(CONFIG_SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise FinetuneError(f"section '{section}' of recipe {path} must be a mapping of field: value")
+        known = {f.name for f in dataclasses.fields(CONFIG_SECTIONS[section])}
+        for key, value in values.items():
+            if key not in known:
+                raise FinetuneError(f"unknown key '{key}' in section '{section}' of recipe {path}")
+            flat[key] = value
+    return flat
+
+
+def _as_default(value: Any) -> Any:
+    # argparse type-converts string defaults, so scalars given as strings reach the same conversion as
+    # command-line values (YAML reads "1e-4" as a string, for instance).
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        return value
+    return str(value)
+
+
+def parse_run_config(
+    recipe: str | None = None, argv: list[str] | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """A RunConfig from a recipe (name or path), command-line style ``argv`` and/or a dict of overrides."""
+    parser = argument_parser()
+    defaults = read_recipe(recipe_path(recipe)) if recipe else {}
+    if overrides:
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise FinetuneError(f"unknown setting(s): {', '.join(unknown)}")
+        defaults.update(overrides)
+    parser.set_defaults(**{k: _as_default(v) for k, v in defaults.items()})
+    try:
+        model, data, training, hub = parser.parse_args_into_dataclasses(args=list(argv or []))
+    except (ValueError, TypeError) as error:
+        raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
+    explicit = set(defaults) | {arg[2:].split("=")[0] for arg in argv or [] if arg.startswith("--")}
+    return RunConfig(model, data, training, hub, recipe=recipe, explicit=frozenset(explicit))
+
+
+def load_saved_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a run wrote into its directory (empty if there is none)."""
+    path = Path(run_dir) / RESOLVED_CONFIG_NAME
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def print_recipes(stream=sys.stdout) -> None:
+    recipes = shipped_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {recipe_description(path)}", file=stream)
+
+
+def help_requested(argv: list[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv)

@@ -1,0 +1,83 @@
+"""Raw datasets from the Hub (or mirror) or from local files, checked before anything is tokenized."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from finetune import mirror
+from finetune.config import DataConfig
+from finetune.errors import FinetuneError
+
+# Local file suffix -> `datasets` builder; tsv is csv with a tab delimiter.
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_hub_dataset(dataset_name: str, config_name: str | None) -> DatasetDict:
+    """``load_dataset(dataset_name, config_name)`` through the mirror, with one-line errors."""
+    try:
+        return mirror.load_or_explain(
+            lambda path: datasets.load_dataset(path, config_name), dataset_name, "datasets"
+        )
+    except ValueError as error:  # datasets names unknown configs and splits with a ValueError
+        raise FinetuneError(
+            f"dataset '{dataset_name}' has no configuration '{config_name}' here: {mirror.first_line(error)}"
+        ) from None
+
+
+def load_local_files(files: dict[str, str]) -> DatasetDict:
+    """Local csv/tsv/json/jsonl/parquet files, one per split."""
+    suffixes = set()
+    for split, file in files.items():
+        path = Path(file)
+        if not path.is_file():
+            raise FinetuneError(f"{split} file {file} does not exist")
+        if path.suffix.lower() not in FILE_BUILDERS:
+            raise FinetuneError(f"{split} file {file}: unsupported format (use {', '.join(FILE_BUILDERS)})")
+        suffixes.add(path.suffix.lower())
+    builders = {FILE_BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise FinetuneError(f"data files must share one format, got {', '.join(sorted(suffixes))}")
+    kwargs = {"delimiter": "\t"} if suffixes == {".tsv"} else {}
+    try:
+        return datasets.load_dataset(builders.pop(), data_files=files, **kwargs)
+    except Exception as error:  # parser errors from pandas/pyarrow/json have many types
+        raise FinetuneError(f"cannot read data files {sorted(files.values())}: {mirror.first_line(error)}") from None
+
+
+def local_files(cfg: DataConfig) -> dict[str, str]:
+    pairs = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    return {split: file for split, file in pairs.items() if file}
+
+
+def load_raw_datasets(cfg: DataConfig, default_name: str | None, default_config: str | None) -> DatasetDict:
+    """Local files when any are given, else the Hub dataset (the preset's unless overridden)."""
+    files = local_files(cfg)
+    if files:
+        return load_local_files(files)
+    name = cfg.dataset_name or default_name
+    if not name:
+        raise FinetuneError("no data: set dataset_name (a Hub id) or train_file/validation_file")
+    return load_hub_dataset(name, cfg.dataset_config_name or default_config)
+
+
+def require_columns(dataset: DatasetDict, columns: Iterable[str | None], where: str) -> None:
+    """Fail with the missing column and the available ones, before tokenizing."""
+    for split, data in dataset.items():
+        missing = [c for c in columns if c and c not in data.column_names]
+        if missing:
+            raise FinetuneError(
+                f"column {missing[0]!r} not in the {split} split of {where} (columns: {', '.join(data.column_names)})"
+            )
+
+
+def truncated(data: Dataset, limit: int | None) -> Dataset:
+    return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+
+def require_rows(data: Dataset, split: str, where: str) -> None:
+    if len(data) == 0:
+        raise FinetuneError(f"the {split} split of {where} is empty")

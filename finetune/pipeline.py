@@ -1,0 +1,203 @@
+"""The one pipeline every task family runs through: train, evaluate, predict.
+
+Data flows one way: config -> task -> tokenized datasets -> Trainer -> metrics -> files (-> Hub).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from finetune.config import RunConfig
+from finetune.errors import FinetuneError
+from finetune.task import Task
+from finetune.tasks import task_class
+
+METRICS_FILE = "metrics.json"
+
+
+def build_task(config: RunConfig) -> Task:
+    return task_class(config.data.task)(config)
+
+
+def default_output_dir(config: RunConfig) -> str:
+    name = Path(str(config.recipe)).stem if config.recipe else (config.data.task_name or config.data.task)
+    return str(Path("runs") / name)
+
+
+def resume_checkpoint(config: RunConfig) -> str | None:
+    """The checkpoint to resume from: a path as given, or the newest in output_dir for ``last``."""
+    wanted = config.training.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted == "last":
+        found = get_last_checkpoint(config.training.output_dir) if Path(config.training.output_dir).is_dir() else None
+        if found is None:
+            raise FinetuneError(f"resume_from_checkpoint=last: no checkpoint in {config.training.output_dir}")
+        return found
+    if not Path(wanted).is_dir():
+        raise FinetuneError(f"resume_from_checkpoint: {wanted} is not a checkpoint directory")
+    return wanted
+
+
+def check_output_dir(config: RunConfig) -> None:
+    """Refuse to write into a non-empty output_dir unless told to overwrite or resume."""
+    args = config.training
+    out = Path(args.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir and args.resume_from_checkpoint is None:
+        raise FinetuneError(
+            f"output_dir {out} is not empty; pass --overwrite_output_dir, --resume_from_checkpoint last, "
+            "or another --output_dir"
+        )
+
+
+def settle_training_defaults(config: RunConfig, task: Task) -> None:
+    """Fill in what depends on the task: the output folder and the metric that picks the best checkpoint."""
+    args = config.training
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(config)
+    if "metric_for_best_model" not in config.explicit:
+        args.metric_for_best_model = task.best_metric
+        if "greater_is_better" not in config.explicit:
+            args.greater_is_better = True
+
+
+def tokenized_splits(task: Task, config: RunConfig) -> tuple[DatasetDict, DatasetDict, Any]:
+    """(raw, tokenized, tokenizer); the main process tokenizes first, the others read its cache."""
+    tokenizer = task.load_tokenizer()
+    raw = task.load_raw_datasets()
+    with config.training.main_process_first(desc="tokenization"):
+        tokenized = task.tokenize(raw, tokenizer)
+    return raw, tokenized, tokenizer
+
+
+def eval_dataset_arg(tokenized: DatasetDict, splits: list[str]) -> Dataset | dict[str, Dataset] | None:
+    if not splits:
+        return None
+    if len(splits) == 1:
+        return tokenized[splits[0]]
+    return {split: tokenized[split] for split in splits}
+
+
+def run_callbacks(config: RunConfig) -> list[TrainerCallback]:
+    """Callbacks every training run gets."""
+    from finetune.callbacks import default_callbacks
+
+    return default_callbacks(config)
+
+
+def train(config: RunConfig) -> dict[str, Any]:
+    """Fine-tune, evaluate every eval split with the best model, save everything; returns metrics."""
+    task = build_task(config)
+    settle_training_defaults(config, task)
+    check_output_dir(config)
+    resume = resume_checkpoint(config)
+    set_seed(config.training.seed)
+
+    raw, tokenized, tokenizer = tokenized_splits(task, config)
+    if "train" not in tokenized:
+        raise FinetuneError(f"no train split in {task.dataset_id()[0] or 'the data files'}: nothing to train on")
+    eval_splits = task.eval_splits(raw)
+    if not eval_splits:
+        config.training.eval_strategy = "no"
+        config.training.load_best_model_at_end = False
+    model = task.load_model(tokenizer)
+    trainer = task.build_trainer(
+        model, tokenizer, tokenized["train"], eval_dataset_arg(tokenized, eval_splits), run_callbacks(config)
+    )
+    if trainer.is_world_process_zero():
+        Path(config.training.output_dir).mkdir(parents=True, exist_ok=True)
+        config.save(config.training.output_dir)
+
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    metrics: dict[str, Any] = {"train": clean(result.metrics), "eval": {}}
+    metrics["eval"] = evaluate_splits(task, trainer, raw, tokenized, eval_splits)
+    if trainer.is_world_process_zero():
+        write_json(Path(config.training.output_dir) / METRICS_FILE, metrics)
+    return metrics
+
+
+def evaluate_splits(
+    task: Task, trainer: Trainer, raw: DatasetDict, tokenized: DatasetDict, splits: list[str]
+) -> dict[str, dict[str, float]]:
+    """Metrics per split, writing each split's predictions beside them."""
+    results = {}
+    for split in splits:
+        output = task.predict(trainer, tokenized[split], split)
+        results[split] = strip_prefix(output.metrics or {}, "eval_")
+        if trainer.is_world_process_zero():
+            write_predictions(task, raw[split], output, Path(trainer.args.output_dir), split)
+    return results
+
+
+def write_predictions(task: Task, raw: Dataset, output, out_dir: Path, split: str) -> Path:
+    path = out_dir / f"predictions_{split}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for record in task.prediction_records(raw, output):
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def load_for_inference(config: RunConfig) -> tuple[Task, Trainer, DatasetDict, DatasetDict]:
+    """Task, a Trainer around the loaded model (no training), and the raw and tokenized splits."""
+    task = build_task(config)
+    if config.training.output_dir is None:
+        source = Path(config.model.model_name_or_path)
+        config.training.output_dir = str(source if source.is_dir() else Path("runs") / f"eval-{source.name}")
+    raw, tokenized, tokenizer = tokenized_splits(task, config)
+    model = task.load_model(tokenizer)
+    trainer = task.build_trainer(model, tokenizer, None, None, [])
+    return task, trainer, raw, tokenized
+
+
+def require_splits(raw: DatasetDict, splits: list[str]) -> None:
+    missing = [s for s in splits if s not in raw]
+    if missing:
+        raise FinetuneError(f"no split '{missing[0]}' in the data (splits: {', '.join(raw)})")
+
+
+def evaluate(config: RunConfig, splits: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of an existing model on labelled splits; written to output_dir/eval_results.json."""
+    task, trainer, raw, tokenized = load_for_inference(config)
+    splits = splits or task.eval_splits(raw)
+    require_splits(raw, splits)
+    results = evaluate_splits(task, trainer, raw, tokenized, splits)
+    if trainer.is_world_process_zero():
+        write_json(Path(trainer.args.output_dir) / "eval_results.json", results)
+    return results
+
+
+def predict(config: RunConfig, splits: list[str] | None = None) -> dict[str, Path]:
+    """Prediction files (with label names) for the given splits, default the task's test splits."""
+    task, trainer, raw, tokenized = load_for_inference(config)
+    splits = splits or task.predict_splits(raw)
+    require_splits(raw, splits)
+    paths = {}
+    for split in splits:
+        output = task.predict(trainer, tokenized[split], split)
+        if trainer.is_world_process_zero():
+            paths[split] = write_predictions(task, raw[split], output, Path(trainer.args.output_dir), split)
+    return paths
+
+
+def strip_prefix(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return clean({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in values.items()})
+
+
+def clean(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe metrics (NaN becomes null)."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,1 @@
+"""Shipped YAML recipes; `finetune recipes` lists them."""

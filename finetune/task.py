@@ -1,0 +1,124 @@
+"""The Task contract: what a task family provides to the one training pipeline.
+
+A family (GLUE classification, summarization, translation) is one module in ``tasks/`` holding a
+``Task`` subclass and a table of presets. The pipeline calls the hooks below in one direction:
+
+    config -> load_raw_datasets -> tokenize -> load_model -> build_trainer -> metrics -> records
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from datasets import Dataset, DatasetDict
+from transformers import (
+    DataCollatorWithPadding,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+)
+from transformers.trainer_utils import PredictionOutput
+
+from finetune.config import RunConfig
+from finetune.errors import FinetuneError
+
+
+class Task(ABC):
+    """One task family, configured for one run."""
+
+    family: ClassVar[str]
+    #: preset name -> the family's description of it (columns, dataset, metrics, ...)
+    presets: ClassVar[Mapping[str, Any]]
+    #: the pipeline tag the Hub uses for this kind of model (model-index ``task.type``)
+    hub_task_type: ClassVar[str]
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.preset = self.preset_named(config.data.task_name)
+
+    @classmethod
+    def preset_named(cls, name: str | None) -> Any:
+        if name is None:
+            return None
+        if name not in cls.presets:
+            raise FinetuneError(f"unknown {cls.family} task '{name}' (known: {', '.join(cls.presets)})")
+        return cls.presets[name]
+
+    # -- data ----------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_raw_datasets(self) -> DatasetDict:
+        """Splits as loaded, checked for the columns this task reads."""
+
+    def eval_splits(self, raw: DatasetDict) -> list[str]:
+        """Splits evaluated during and after training."""
+        return [split for split in ("validation",) if split in raw]
+
+    def predict_splits(self, raw: DatasetDict) -> list[str]:
+        """Splits that ``finetune predict`` writes predictions for by default."""
+        return [split for split in ("test",) if split in raw]
+
+    # -- model and features --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_tokenizer(self) -> PreTrainedTokenizerBase: ...
+
+    @abstractmethod
+    def load_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel: ...
+
+    @abstractmethod
+    def tokenize(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+        """Model inputs (and ``labels`` where the split has them), one row per raw row, same order."""
+
+    def data_collator(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> Any:
+        """Pads each batch to its longest member (to a multiple of 8 under mixed precision)."""
+        args = self.config.training
+        multiple = 8 if (args.fp16 or args.bf16) else None
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+
+    # -- training and metrics ------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def best_metric(self) -> str:
+        """Metric (without the ``eval_`` prefix) that picks the best checkpoint; higher is better."""
+
+    @abstractmethod
+    def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]: ...
+
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        train_dataset: Dataset | None,
+        eval_dataset: Dataset | dict[str, Dataset] | None,
+        callbacks: list[TrainerCallback],
+    ) -> Trainer:
+        return Trainer(
+            model=model,
+            args=self.config.training,
+            data_collator=self.data_collator(tokenizer, model),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            compute_metrics=self.compute_metrics,
+            callbacks=callbacks,
+        )
+
+    def predict(self, trainer: Trainer, dataset: Dataset, split: str) -> PredictionOutput:
+        """Predictions (and metrics, where labels exist) for one tokenized split."""
+        return trainer.predict(dataset, metric_key_prefix="eval")
+
+    @abstractmethod
+    def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:
+        """One JSON-able record per example: inputs, reference and prediction, with label names."""
+
+    # -- description -----------------------------------------------------------------------------------------
+
+    def dataset_id(self) -> tuple[str | None, str | None]:
+        """(dataset id, config name) this run trains on, for model cards; (None, None) for local files."""
+        return None, None

@@ -1,0 +1,299 @@
+"""GLUE (and any sentence / sentence-pair classification or regression data).
+
+The nine GLUE tasks and the AX diagnostic are rows of ``GLUE_TASKS``; everything task-specific
+(columns, label names, metrics, splits, submission file) is read from the row. Without a preset,
+``text_column`` / ``text_pair_column`` / ``label_column`` describe custom files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+from transformers import AutoModelForSequenceClassification, EvalPrediction, PretrainedConfig
+from transformers.trainer_utils import PredictionOutput
+
+from finetune import data, metrics, modeling
+from finetune.errors import FinetuneError
+from finetune.task import Task
+
+GLUE_DATASET = "nyu-mll/glue"
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+@dataclass(frozen=True)
+class GluePreset:
+    """One GLUE task: where its data is and how it is scored."""
+
+    text_column: str
+    text_pair_column: str | None
+    #: official metrics, in the order the GLUE leaderboard reports them
+    metrics: tuple[str, ...]
+    #: label names for tasks whose labels the dataset may not name (AX is test-only); None: regression
+    label_names: tuple[str, ...] | None = None
+    is_regression: bool = False
+    eval_splits: tuple[str, ...] = ("validation",)
+    predict_splits: tuple[str, ...] = ("test",)
+    #: GLUE submission file per predict split
+    submission_files: tuple[str, ...] = ()
+    #: the task whose fine-tuned model makes the predictions (AX is scored with an MNLI model)
+    trained_as: str | None = None
+    best_metric: str = "accuracy"
+
+
+GLUE_TASKS: dict[str, GluePreset] = {
+    "cola": GluePreset(
+        "sentence", None, ("matthews_correlation",), submission_files=("CoLA.tsv",), best_metric="matthews_correlation"
+    ),
+    "sst2": GluePreset("sentence", None, ("accuracy",), submission_files=("SST-2.tsv",)),
+    "mrpc": GluePreset("sentence1", "sentence2", ("f1", "accuracy"), submission_files=("MRPC.tsv",), best_metric="f1"),
+    "qqp": GluePreset("question1", "question2", ("f1", "accuracy"), submission_files=("QQP.tsv",), best_metric="f1"),
+    "stsb": GluePreset(
+        "sentence1",
+        "sentence2",
+        ("pearson", "spearmanr"),
+        is_regression=True,
+        submission_files=("STS-B.tsv",),
+        best_metric="pearson",
+    ),
+    "mnli": GluePreset(
+        "premise",
+        "hypothesis",
+        ("accuracy",),
+        label_names=MNLI_LABELS,
+        eval_splits=("validation_matched", "validation_mismatched"),
+        predict_splits=("test_matched", "test_mismatched"),
+        submission_files=("MNLI-m.tsv", "MNLI-mm.tsv"),
+        best_metric="validation_matched_accuracy",
+    ),
+    "qnli": GluePreset("question", "sentence", ("accuracy",), submission_files=("QNLI.tsv",)),
+    "rte": GluePreset("sentence1", "sentence2", ("accuracy",), submission_files=("RTE.tsv",)),
+    "wnli": GluePreset("sentence1", "sentence2", ("accuracy",), submission_files=("WNLI.tsv",)),
+    "ax": GluePreset(
+        "premise",
+        "hypothesis",
+        ("accuracy",),
+        label_names=MNLI_LABELS,
+        eval_splits=(),
+        submission_files=("AX.tsv",),
+        trained_as="mnli",
+    ),
+}
+
+CUSTOM = GluePreset("sentence", None, ("accuracy",))
+CUSTOM_REGRESSION = GluePreset("sentence", None, ("pearson", "spearmanr"), is_regression=True, best_metric="pearson")
+
+
+class GlueTask(Task):
+    """Sequence classification (or regression) with an ``AutoModelForSequenceClassification`` head."""
+
+    family = "glue"
+    presets = GLUE_TASKS
+    hub_task_type = "text-classification"
+
+    def __init__(self, config):
+        super().__init__(config)
+        cfg = config.data
+        row = self.preset or CUSTOM
+        self.text_column = cfg.text_column or row.text_column
+        self.text_pair_column = cfg.text_pair_column or row.text_pair_column
+        self.label_column = cfg.label_column or "label"
+        self.label_names: list[str] | None = None
+        self.is_regression = row.is_regression
+        #: dataset label id -> model label id (they differ when a checkpoint's head orders names differently)
+        self.label_to_model_id: dict[int, int] | None = None
+
+    @property
+    def row(self) -> GluePreset:
+        if self.preset is not None:
+            return self.preset
+        return CUSTOM_REGRESSION if self.is_regression else CUSTOM
+
+    def dataset_id(self) -> tuple[str | None, str | None]:
+        if data.local_files(self.config.data):
+            return None, None
+        name = self.config.data.dataset_name or (GLUE_DATASET if self.preset else None)
+        return name, self.config.data.dataset_config_name or self.config.data.task_name
+
+    # -- data ----------------------------------------------------------------------------------------------
+
+    def load_raw_datasets(self) -> DatasetDict:
+        cfg = self.config.data
+        if self.preset is None and not data.local_files(cfg) and not cfg.dataset_name:
+            raise FinetuneError("set task_name (a GLUE task) or dataset_name / train_file for custom data")
+        name, config_name = self.dataset_id()
+        raw = data.load_raw_datasets(cfg, name, config_name)
+        where = name or "the data files"
+        data.require_columns(raw, [self.text_column, self.text_pair_column], where)
+        data.require_columns(
+            DatasetDict({s: raw[s] for s in raw if s not in self.predict_splits(raw)}), [self.label_column], where
+        )
+        for split in raw:
+            data.require_rows(raw[split], split, where)
+        self.label_names, self.is_regression = self.labels_of(raw)
+        return raw
+
+    def labels_of(self, raw: DatasetDict) -> tuple[list[str] | None, bool]:
+        """Label names from the dataset's ClassLabel feature, else the table, else the values seen."""
+        if self.row.is_regression:
+            return None, True
+        for split in raw.values():
+            feature = split.features.get(self.label_column)
+            if isinstance(feature, ClassLabel):
+                return list(feature.names), False
+        if self.row.label_names:
+            return list(self.row.label_names), False
+        labelled = [raw[s] for s in raw if s not in self.predict_splits(raw)] or list(raw.values())
+        feature = labelled[0].features.get(self.label_column)
+        if isinstance(feature, Value) and feature.dtype.startswith("float"):
+            return None, True
+        values = sorted({str(v) for split in labelled for v in split[self.label_column]} - {"-1"})
+        return values, False
+
+    def eval_splits(self, raw: DatasetDict) -> list[str]:
+        if self.preset is None:
+            return super().eval_splits(raw)
+        return [s for s in self.row.eval_splits if s in raw]
+
+    def predict_splits(self, raw: DatasetDict) -> list[str]:
+        if self.preset is None:
+            return super().predict_splits(raw)
+        return [s for s in self.row.predict_splits if s in raw]
+
+    # -- model ---------------------------------------------------------------------------------------------
+
+    def load_tokenizer(self):
+        return modeling.load_tokenizer(self.config.model)
+
+    def load_model(self, tokenizer):
+        if self.label_names is None and not self.is_regression:
+            raise RuntimeError("load_raw_datasets must run before load_model")
+        checkpoint = modeling.load_config(self.config.model)
+        kwargs = self.head_settings(checkpoint)
+        model = modeling.load_model(AutoModelForSequenceClassification, self.config.model, **kwargs)
+        modeling.align_pad_token(model, tokenizer)
+        return model
+
+    def head_settings(self, checkpoint: PretrainedConfig) -> dict[str, Any]:
+        """from_pretrained kwargs for the classification head, reusing a trained head when its labels match."""
+        if self.is_regression:
+            return {"num_labels": 1, "problem_type": "regression"}
+        names = self.label_names
+        existing = trained_head_labels(checkpoint)
+        if existing is None:
+            self.label_to_model_id = None
+            return {
+                "num_labels": len(names),
+                "id2label": dict(enumerate(names)),
+                "label2id": {name: i for i, name in enumerate(names)},
+            }
+        if sorted(existing) != sorted(names):
+            raise FinetuneError(
+                f"checkpoint '{self.config.model.model_name_or_path}' has a classification head for labels "
+                f"{existing}, but the data has {names}; start from a checkpoint without that head"
+            )
+        self.label_to_model_id = {i: existing.index(name) for i, name in enumerate(names)}
+        return {}
+
+    def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
+        cfg = self.config.data
+        padding = "max_length" if cfg.pad_to_max_length else False
+        text, pair, label = self.text_column, self.text_pair_column, self.label_column
+        label_ids = self.label_ids
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            texts = (batch[text],) if pair is None else (batch[text], batch[pair])
+            encoded = tokenizer(*texts, truncation=True, max_length=cfg.max_seq_length, padding=padding)
+            if label in batch:
+                encoded["labels"] = label_ids(batch[label])
+            return encoded
+
+        limits = {"train": cfg.max_train_samples}
+        tokenized = {}
+        for split, dataset in raw.items():
+            limit = limits.get(
+                split, cfg.max_predict_samples if split in self.predict_splits(raw) else cfg.max_eval_samples
+            )
+            dataset = data.truncated(dataset, limit)
+            columns = dataset.column_names
+            if split in self.predict_splits(raw):
+                dataset = dataset.remove_columns([c for c in [label] if c in columns])
+            tokenized[split] = dataset.map(
+                encode,
+                batched=True,
+                remove_columns=dataset.column_names,
+                num_proc=cfg.preprocessing_num_workers,
+                load_from_cache_file=not cfg.overwrite_cache,
+                desc=f"Tokenizing {split}",
+            )
+        return DatasetDict(tokenized)
+
+    def label_ids(self, values: list) -> list:
+        """Dataset labels as the model's label ids (floats for regression)."""
+        if self.is_regression:
+            return [float(v) for v in values]
+        if values and not isinstance(values[0], (int, np.integer)):
+            index = {name: i for i, name in enumerate(self.label_names)}
+            values = [index[str(v)] for v in values]
+        mapping = self.label_to_model_id
+        return [mapping.get(int(v), int(v)) if mapping else int(v) for v in values]
+
+    # -- metrics -------------------------------------------------------------------------------------------
+
+    @property
+    def best_metric(self) -> str:
+        return self.row.best_metric
+
+    def metric_names(self) -> tuple[str, ...]:
+        return self.row.metrics
+
+    def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        preds = metrics.predicted_labels(prediction.predictions, self.is_regression)
+        labels = np.asarray(prediction.label_ids)
+        results = metrics.score(self.metric_names(), preds, labels)
+        # Counted from the gathered predictions, so a distributed run shows what it really scored.
+        results["examples"] = int(len(labels))
+        return results
+
+    def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:
+        preds = metrics.predicted_labels(output.predictions, self.is_regression)
+        model_to_name = self.model_label_names()
+        records = []
+        for i, row in enumerate(raw.select(range(len(preds)))):
+            record = {"index": row.get("idx", i), self.text_column: row[self.text_column]}
+            if self.text_pair_column:
+                record[self.text_pair_column] = row[self.text_pair_column]
+            if self.label_column in row and row[self.label_column] != -1:
+                record["label"] = self.label_name(row[self.label_column])
+            record["prediction"] = float(preds[i]) if self.is_regression else model_to_name[int(preds[i])]
+            records.append(record)
+        return records
+
+    def label_name(self, value: Any) -> Any:
+        if self.is_regression or not isinstance(value, (int, np.integer)):
+            return value
+        return self.label_names[int(value)]
+
+    def model_label_names(self) -> list[str]:
+        """Model output id -> label name."""
+        if self.is_regression:
+            return []
+        if self.label_to_model_id is None:
+            return list(self.label_names)
+        names = [""] * len(self.label_names)
+        for data_id, model_id in self.label_to_model_id.items():
+            names[model_id] = self.label_names[data_id]
+        return names
+
+
+def trained_head_labels(checkpoint: PretrainedConfig) -> list[str] | None:
+    """Label names of a checkpoint that already carries a trained classification head, else None."""
+    architectures = checkpoint.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        return None
+    names = [checkpoint.id2label[i] for i in sorted(checkpoint.id2label)]
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None
+    return names
