@@ -148,7 +148,6 @@ def inference_config(argv: list[str], prog: str):
     keep = ("tokenizer_name", "attn_implementation", "trust_remote_code")
     overrides.update({k: v for k, v in saved.get("model", {}).items() if k in keep and v is not None})
     overrides["model_name_or_path"] = model
-    overrides["load_best_model_at_end"] = False
     return parsed_config(None, rest, overrides), splits
 
 

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy
@@ -196,8 +197,8 @@ class _Parser(HfArgumentParser):
 
 
 def argument_parser(prog: str = "finetune train") -> HfArgumentParser:
-    parser = _Parser(list(CONFIG_SECTIONS.values()), prog=prog, add_help=True)
-    return parser
+    # No abbreviations: a mistyped --learning_rat must be an error, not a silent prefix match.
+    return _Parser(list(CONFIG_SECTIONS.values()), prog=prog, allow_abbrev=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,6 +288,8 @@ def parse_run_config(
         model, data, training, hub = parser.parse_args_into_dataclasses(args=list(argv or []))
     except (ValueError, TypeError) as error:
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
+    if "dataloader_pin_memory" not in defaults and not torch.cuda.is_available():
+        training.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     explicit = set(defaults) | {arg[2:].split("=")[0] for arg in argv or [] if arg.startswith("--")}
     return RunConfig(model, data, training, hub, recipe=recipe, explicit=frozenset(explicit))
 
@@ -297,7 +300,8 @@ def load_saved_config(run_dir: str | Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
-def print_recipes(stream=sys.stdout) -> None:
+def print_recipes(stream=None) -> None:
+    stream = stream or sys.stdout
     recipes = shipped_recipes()
     width = max(map(len, recipes), default=0)
     for name, path in recipes.items():

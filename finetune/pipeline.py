@@ -12,7 +12,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 
 from finetune.config import RunConfig
 from finetune.errors import FinetuneError
@@ -153,6 +153,9 @@ def load_for_inference(config: RunConfig) -> tuple[Task, Trainer, DatasetDict, D
     if config.training.output_dir is None:
         source = Path(config.model.model_name_or_path)
         config.training.output_dir = str(source if source.is_dir() else Path("runs") / f"eval-{source.name}")
+    # No training here: nothing to evaluate on a schedule or to reload at the end.
+    config.training.eval_strategy = IntervalStrategy.NO
+    config.training.load_best_model_at_end = False
     raw, tokenized, tokenizer = tokenized_splits(task, config)
     model = task.load_model(tokenizer)
     trainer = task.build_trainer(model, tokenizer, None, None, [])

@@ -104,6 +104,7 @@ class GlueTask(Task):
         self.is_regression = row.is_regression
         #: dataset label id -> model label id (they differ when a checkpoint's head orders names differently)
         self.label_to_model_id: dict[int, int] | None = None
+        self.head_kwargs: dict[str, Any] | None = None
 
     @property
     def row(self) -> GluePreset:
@@ -133,6 +134,8 @@ class GlueTask(Task):
         for split in raw:
             data.require_rows(raw[split], split, where)
         self.label_names, self.is_regression = self.labels_of(raw)
+        # Decided now, not at model loading: labels are tokenized as the checkpoint's head ids.
+        self.head_kwargs = self.head_settings(modeling.load_config(self.config.model))
         return raw
 
     def labels_of(self, raw: DatasetDict) -> tuple[list[str] | None, bool]:
@@ -168,11 +171,9 @@ class GlueTask(Task):
         return modeling.load_tokenizer(self.config.model)
 
     def load_model(self, tokenizer):
-        if self.label_names is None and not self.is_regression:
+        if self.head_kwargs is None:
             raise RuntimeError("load_raw_datasets must run before load_model")
-        checkpoint = modeling.load_config(self.config.model)
-        kwargs = self.head_settings(checkpoint)
-        model = modeling.load_model(AutoModelForSequenceClassification, self.config.model, **kwargs)
+        model = modeling.load_model(AutoModelForSequenceClassification, self.config.model, **self.head_kwargs)
         modeling.align_pad_token(model, tokenizer)
         return model
 
@@ -250,12 +251,19 @@ class GlueTask(Task):
         return self.row.metrics
 
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
-        preds = metrics.predicted_labels(prediction.predictions, self.is_regression)
-        labels = np.asarray(prediction.label_ids)
+        preds = self.dataset_label_ids(metrics.predicted_labels(prediction.predictions, self.is_regression))
+        labels = self.dataset_label_ids(np.asarray(prediction.label_ids))
         results = metrics.score(self.metric_names(), preds, labels)
         # Counted from the gathered predictions, so a distributed run shows what it really scored.
         results["examples"] = int(len(labels))
         return results
+
+    def dataset_label_ids(self, model_ids: np.ndarray) -> np.ndarray:
+        """Model label ids back in the dataset's numbering, so that F1's positive class is the dataset's."""
+        if self.is_regression or self.label_to_model_id is None:
+            return model_ids
+        to_dataset = {model_id: data_id for data_id, model_id in self.label_to_model_id.items()}
+        return np.vectorize(to_dataset.__getitem__)(model_ids)
 
     def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:
         preds = metrics.predicted_labels(output.predictions, self.is_regression)
