@@ -60,7 +60,7 @@ def check_output_dir(config: RunConfig) -> None:
 def settle_training_defaults(config: RunConfig, task: Task) -> None:
     """Fill in what depends on the task: the output folder and the metric that picks the best checkpoint."""
     args = config.training
-    if args.output_dir is None:
+    if "output_dir" not in config.explicit:  # TrainingArguments fills in its own generic name otherwise
         args.output_dir = default_output_dir(config)
     if "metric_for_best_model" not in config.explicit:
         args.metric_for_best_model = task.best_metric
@@ -150,7 +150,7 @@ def write_predictions(task: Task, raw: Dataset, output, out_dir: Path, split: st
 def load_for_inference(config: RunConfig) -> tuple[Task, Trainer, DatasetDict, DatasetDict]:
     """Task, a Trainer around the loaded model (no training), and the raw and tokenized splits."""
     task = build_task(config)
-    if config.training.output_dir is None:
+    if "output_dir" not in config.explicit:
         source = Path(config.model.model_name_or_path)
         config.training.output_dir = str(source if source.is_dir() else Path("runs") / f"eval-{source.name}")
     # No training here: nothing to evaluate on a schedule or to reload at the end.

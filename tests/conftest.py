@@ -25,15 +25,18 @@ DECODERS = ("gpt2", "llama")
 SEQ2SEQ = ("t5", "bart", "marian", "mbart")
 
 
+# Set at import, before any test module imports huggingface_hub: it reads HF_HUB_OFFLINE once, at import.
+os.environ["FINETUNE_HUB_MIRROR"] = str(MIRROR)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def offline_mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every test runs offline against ../shared/hub, with a private conversion cache."""
     if not MIRROR.is_dir():
         pytest.exit(f"the offline mirror {MIRROR} is missing (tests read ../shared beside the checkout)", 2)
-    os.environ["FINETUNE_HUB_MIRROR"] = str(MIRROR)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.setdefault("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
     return MIRROR
 

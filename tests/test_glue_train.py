@@ -69,7 +69,7 @@ def test_regression_task_stsb(tiny_model_dir, tmp_path: Path) -> None:
     assert set(validation) >= {"pearson", "spearmanr", "combined_score"}
     assert -1.0 <= validation["pearson"] <= 1.0
     config = read_json(out / "config.json")
-    assert config["num_labels"] == 1 and config["problem_type"] == "regression"
+    assert len(config["id2label"]) == 1 and config["problem_type"] == "regression"
     assert isinstance(read_jsonl(out / "predictions_validation.jsonl")[0]["prediction"], float)
 
 
