@@ -200,29 +200,26 @@ class GlueTask(Task):
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
         cfg = self.config.data
-        padding = "max_length" if cfg.pad_to_max_length else False
-        text, pair, label = self.text_column, self.text_pair_column, self.label_column
-        label_ids = self.label_ids
-
-        def encode(batch: dict[str, list]) -> dict[str, list]:
-            texts = (batch[text],) if pair is None else (batch[text], batch[pair])
-            encoded = tokenizer(*texts, truncation=True, max_length=cfg.max_seq_length, padding=padding)
-            if label in batch:
-                encoded["labels"] = label_ids(batch[label])
-            return encoded
-
+        # Everything the map function needs, passed as plain values: datasets fingerprints them, and an
+        # identical fingerprint in every process is what lets the others read the main process's cache.
+        encoding = {
+            "tokenizer": tokenizer,
+            "columns": (self.text_column, self.text_pair_column, self.label_column),
+            "max_length": cfg.max_seq_length,
+            "padding": "max_length" if cfg.pad_to_max_length else False,
+            "labels": LabelEncoding(self.is_regression, tuple(self.label_names or ()), self.label_to_model_id),
+        }
         limits = {"train": cfg.max_train_samples}
         tokenized = {}
         for split, dataset in raw.items():
-            limit = limits.get(
-                split, cfg.max_predict_samples if split in self.predict_splits(raw) else cfg.max_eval_samples
-            )
+            predicting = split in self.predict_splits(raw)
+            limit = limits.get(split, cfg.max_predict_samples if predicting else cfg.max_eval_samples)
             dataset = data.truncated(dataset, limit)
-            columns = dataset.column_names
-            if split in self.predict_splits(raw):
-                dataset = dataset.remove_columns([c for c in [label] if c in columns])
+            if predicting and self.label_column in dataset.column_names:
+                dataset = dataset.remove_columns(self.label_column)
             tokenized[split] = dataset.map(
-                encode,
+                encode_batch,
+                fn_kwargs=encoding,
                 batched=True,
                 remove_columns=dataset.column_names,
                 num_proc=cfg.preprocessing_num_workers,
@@ -230,16 +227,6 @@ class GlueTask(Task):
                 desc=f"Tokenizing {split}",
             )
         return DatasetDict(tokenized)
-
-    def label_ids(self, values: list) -> list:
-        """Dataset labels as the model's label ids (floats for regression)."""
-        if self.is_regression:
-            return [float(v) for v in values]
-        if values and not isinstance(values[0], (int, np.integer)):
-            index = {name: i for i, name in enumerate(self.label_names)}
-            values = [index[str(v)] for v in values]
-        mapping = self.label_to_model_id
-        return [mapping.get(int(v), int(v)) if mapping else int(v) for v in values]
 
     # -- metrics -------------------------------------------------------------------------------------------
 
@@ -305,3 +292,38 @@ def trained_head_labels(checkpoint: PretrainedConfig) -> list[str] | None:
     if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
         return None
     return names
+
+
+@dataclass(frozen=True)
+class LabelEncoding:
+    """How dataset labels become the model's label ids (floats for regression)."""
+
+    is_regression: bool
+    names: tuple[str, ...]
+    to_model_id: dict[int, int] | None
+
+    def __call__(self, values: list) -> list:
+        if self.is_regression:
+            return [float(v) for v in values]
+        if values and not isinstance(values[0], (int, np.integer)):
+            index = {name: i for i, name in enumerate(self.names)}
+            values = [index[str(v)] for v in values]
+        mapping = self.to_model_id or {}
+        return [mapping.get(int(v), int(v)) for v in values]
+
+
+def encode_batch(
+    batch: dict[str, list],
+    tokenizer,
+    columns: tuple[str, str | None, str],
+    max_length: int,
+    padding: str | bool,
+    labels: LabelEncoding,
+) -> dict[str, list]:
+    """Token ids for a batch of single sentences or sentence pairs, plus ``labels`` where present."""
+    text, pair, label = columns
+    texts = (batch[text],) if pair is None else (batch[text], batch[pair])
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length, padding=padding)
+    if label in batch:
+        encoded["labels"] = labels(batch[label])
+    return encoded
