@@ -116,6 +116,9 @@ def train(config: RunConfig) -> dict[str, Any]:
         config.save(config.training.output_dir)
 
     result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_fsdp_enabled:
+        # Sharded checkpoints suit resuming; the final model must be one loadable state dict.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     trainer.save_state()
     metrics: dict[str, Any] = {"train": clean(result.metrics), "eval": {}}

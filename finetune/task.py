@@ -8,6 +8,7 @@ A family (GLUE classification, summarization, translation) is one module in ``ta
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -25,6 +26,12 @@ from transformers.trainer_utils import PredictionOutput
 
 from finetune.config import RunConfig
 from finetune.errors import FinetuneError
+
+
+def mixed_precision(config: RunConfig) -> bool:
+    """Whether the run computes in bf16/fp16, set by the recipe or by an accelerate config file."""
+    args = config.training
+    return bool(args.fp16 or args.bf16) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("fp16", "bf16")
 
 
 class Task(ABC):
@@ -76,8 +83,7 @@ class Task(ABC):
 
     def data_collator(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> Any:
         """Pads each batch to its longest member (to a multiple of 8 under mixed precision)."""
-        args = self.config.training
-        multiple = 8 if (args.fp16 or args.bf16) else None
+        multiple = 8 if mixed_precision(self.config) else None
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
 
     # -- training and metrics ------------------------------------------------------------------------------
