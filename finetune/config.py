@@ -1,9 +1,9 @@
 """Typed run configuration: recipes (YAML), command-line overrides, and the resolved config file.
 
-Four dataclasses describe a run. Their field docs (``metadata["help"]``) are the ``--help`` text, and
+Five dataclasses describe a run. Their field docs (``metadata["help"]``) are the ``--help`` text, and
 flag names follow ``run_glue.py`` and ``TrainingArguments`` so that users' habits carry over. A recipe
-is a YAML file with one section per dataclass (``model``, ``data``, ``training``, ``hub``); values from
-the command line override it.
+is a YAML file with one section per dataclass (``model``, ``data``, ``training``, ``hub``,
+``generation``); values from the command line override it.
 """
 
 from __future__ import annotations
@@ -93,10 +93,52 @@ class DataConfig:
         default=None, metadata={"help": "Truncate the training set to this many examples."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Truncate each evaluation set to this many examples."}
+        default=None,
+        metadata={
+            "help": "Truncate each evaluation set to this many examples (generation tasks: only the evaluations "
+            "during training; the final evaluation generates for the whole split)."
+        },
     )
     max_predict_samples: int | None = field(
         default=None, metadata={"help": "Truncate the prediction set to this many examples."}
+    )
+    summary_column: str | None = field(
+        default=None, metadata={"help": "Summarization: column with the reference summary; default: the preset's."}
+    )
+    source_lang: str | None = field(
+        default=None, metadata={"help": "Translation: source language key of the `translation` column (e.g. en)."}
+    )
+    target_lang: str | None = field(
+        default=None, metadata={"help": "Translation: target language key of the `translation` column (e.g. ro)."}
+    )
+    source_lang_code: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer source language code of multilingual models (mBART en_XX, NLLB eng_Latn)."},
+    )
+    target_lang_code: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer target language code of multilingual models (mBART ro_RO, NLLB ron_Latn)."},
+    )
+    forced_bos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token generation must start with (mBART-50, NLLB: the target language code). Default: "
+            "target_lang_code when it is set."
+        },
+    )
+    source_prefix: str | None = field(
+        default=None,
+        metadata={"help": "Text put before every source for T5-style models (e.g. 'summarize: ')."},
+    )
+    max_target_length: int = field(
+        default=128, metadata={"help": "Generation tasks: reference texts are truncated to this many tokens."}
+    )
+    validation_split_percentage: int | None = field(
+        default=None,
+        metadata={
+            "help": "Carve a validation split of this percentage out of the train split (seeded by `seed`), for "
+            "data that comes as one file."
+        },
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(
@@ -117,6 +159,20 @@ class HubConfig:
     )
     dry_run: bool = field(
         default=False, metadata={"help": "With push_to_hub: print what would be uploaded instead of uploading."}
+    )
+
+
+@dataclass
+class GenerationSettings:
+    """How summarization and translation models generate text (saved as the model's generation_config.json)."""
+
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per example."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width; 1 is greedy decoding (fastest)."})
+    length_penalty: float = field(
+        default=1.0, metadata={"help": "With beams: >1 favours longer outputs, <1 shorter ones."}
+    )
+    no_repeat_ngram_size: int = field(
+        default=0, metadata={"help": "Never repeat an n-gram of this size in one output (0: no limit)."}
     )
 
 
@@ -157,6 +213,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "training": TrainConfig,
     "hub": HubConfig,
+    "generation": GenerationSettings,
 }
 RESOLVED_CONFIG_NAME = "finetune_config.yaml"
 
@@ -171,6 +228,7 @@ class RunConfig:
     hub: HubConfig
     recipe: str | None = None
     explicit: frozenset[str] = frozenset()  # fields the recipe or the command line set
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Sections as plain YAML-able values; token fields are redacted by TrainingArguments."""
@@ -181,6 +239,7 @@ class RunConfig:
             "data": dataclasses.asdict(self.data),
             "training": training,
             "hub": dataclasses.asdict(self.hub),
+            "generation": dataclasses.asdict(self.generation),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -285,13 +344,13 @@ def parse_run_config(
         defaults.update(overrides)
     parser.set_defaults(**{k: _as_default(v) for k, v in defaults.items()})
     try:
-        model, data, training, hub = parser.parse_args_into_dataclasses(args=list(argv or []))
+        sections = dict(zip(CONFIG_SECTIONS, parser.parse_args_into_dataclasses(args=list(argv or []))))
     except (ValueError, TypeError) as error:
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
     if "dataloader_pin_memory" not in defaults and not torch.cuda.is_available():
-        training.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        sections["training"].dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     explicit = set(defaults) | {arg[2:].split("=")[0] for arg in argv or [] if arg.startswith("--")}
-    return RunConfig(model, data, training, hub, recipe=recipe, explicit=frozenset(explicit))
+    return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))
 
 
 def load_saved_config(run_dir: str | Path) -> dict[str, Any]:
