@@ -1,7 +1,8 @@
 """Command line: ``finetune {recipes,train,evaluate,predict,push,glue}``.
 
 Each command parses its settings into the typed config, then hands over to one pipeline function.
-User errors (FinetuneError) print one line and exit with code 2.
+User errors (FinetuneError, also a NaN/inf training loss) print one line and exit with code 2; a run
+stopped by SIGTERM after saving a checkpoint exits with PREEMPTED_EXIT_CODE (143).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import __version__
-from finetune.errors import USAGE_EXIT_CODE, FinetuneError
+from finetune.errors import PREEMPTED_EXIT_CODE, USAGE_EXIT_CODE, FinetuneError, Preempted
 
 USAGE = """\
 usage: finetune <command> [args]
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command](rest) or 0
     except FinetuneError as error:
         return fail(str(error))
+    except Preempted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"finetune: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
@@ -117,9 +122,10 @@ def cmd_train(argv: list[str]) -> int:
         return show_help("finetune train", "[RECIPE] [--flag value ...]")
     recipe, rest = split_positional(argv)
     config = parsed_config(recipe, rest)
-    from finetune import pipeline
+    from finetune import pipeline, publish
 
-    metrics = pipeline.train(config)
+    with publish.trainer_push_handled(config):  # the model goes up after training, with its card
+        metrics = pipeline.train(config)
     if config.training.process_index == 0:
         print_metrics_table(metrics["eval"])
         print(f"run saved to {config.training.output_dir}")

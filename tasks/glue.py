@@ -41,15 +41,31 @@ class GluePreset:
     #: the task whose fine-tuned model makes the predictions (AX is scored with an MNLI model)
     trained_as: str | None = None
     best_metric: str = "accuracy"
+    #: predicted label name -> the string the GLUE server expects in the submission file (binary tasks are
+    #: scored as 0/1); empty: the label name itself, or the score for regression
+    submission_labels: tuple[tuple[str, str], ...] = ()
+    #: regression scores are clipped to the range the server scores (STS-B: 0 to 5)
+    submission_range: tuple[float, float] | None = None
 
 
 GLUE_TASKS: dict[str, GluePreset] = {
     "cola": GluePreset(
-        "sentence", None, ("matthews_correlation",), submission_files=("CoLA.tsv",), best_metric="matthews_correlation"
+        "sentence", None, ("matthews_correlation",), submission_files=("CoLA.tsv",),
+        best_metric="matthews_correlation",
+        submission_labels=(("unacceptable", "0"), ("acceptable", "1")),
     ),
-    "sst2": GluePreset("sentence", None, ("accuracy",), submission_files=("SST-2.tsv",)),
-    "mrpc": GluePreset("sentence1", "sentence2", ("f1", "accuracy"), submission_files=("MRPC.tsv",), best_metric="f1"),
-    "qqp": GluePreset("question1", "question2", ("f1", "accuracy"), submission_files=("QQP.tsv",), best_metric="f1"),
+    "sst2": GluePreset(
+        "sentence", None, ("accuracy",), submission_files=("SST-2.tsv",),
+        submission_labels=(("negative", "0"), ("positive", "1")),
+    ),
+    "mrpc": GluePreset(
+        "sentence1", "sentence2", ("f1", "accuracy"), submission_files=("MRPC.tsv",), best_metric="f1",
+        submission_labels=(("not_equivalent", "0"), ("equivalent", "1")),
+    ),
+    "qqp": GluePreset(
+        "question1", "question2", ("f1", "accuracy"), submission_files=("QQP.tsv",), best_metric="f1",
+        submission_labels=(("not_duplicate", "0"), ("duplicate", "1")),
+    ),
     "stsb": GluePreset(
         "sentence1",
         "sentence2",
@@ -57,6 +73,7 @@ GLUE_TASKS: dict[str, GluePreset] = {
         is_regression=True,
         submission_files=("STS-B.tsv",),
         best_metric="pearson",
+        submission_range=(0.0, 5.0),
     ),
     "mnli": GluePreset(
         "premise",
@@ -70,7 +87,10 @@ GLUE_TASKS: dict[str, GluePreset] = {
     ),
     "qnli": GluePreset("question", "sentence", ("accuracy",), submission_files=("QNLI.tsv",)),
     "rte": GluePreset("sentence1", "sentence2", ("accuracy",), submission_files=("RTE.tsv",)),
-    "wnli": GluePreset("sentence1", "sentence2", ("accuracy",), submission_files=("WNLI.tsv",)),
+    "wnli": GluePreset(
+        "sentence1", "sentence2", ("accuracy",), submission_files=("WNLI.tsv",),
+        submission_labels=(("not_entailment", "0"), ("entailment", "1")),
+    ),
     "ax": GluePreset(
         "premise",
         "hypothesis",

@@ -1,0 +1,528 @@
+"""``finetune glue``: fine-tune and evaluate one checkpoint on the GLUE tasks, then report and submit.
+
+For each task of ``tasks/glue.py``'s table (in table order) and each seed, the task's shipped recipe
+(``glue-<task>``) is trained into ``<out>/<task>/seed-<seed>`` with the user's extra flags on top. The
+best seed's model then predicts the test split(s), which become the GLUE server's submission files.
+Tasks predicted with another task's model (AX with MNLI's) are not trained. Everything task-specific
+is read from the table row, so the loop has no per-task branches.
+
+Outputs in ``<out>``: ``glue_results.json`` (every number, per seed), ``glue_results.md`` (the table:
+per task metrics, mean and std over seeds, and the average), ``glue_scores.png`` (bar chart), and
+``submission/*.tsv`` zipped as ``glue_submission.zip``.
+
+Resumable: a seed whose ``metrics.json`` exists is not trained again. A task that fails is reported
+with its reason and the others go on; a task the data source does not have is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import traceback
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune import mirror
+from finetune.errors import FinetuneError
+from finetune.publish import (
+    CARD_NAME,
+    base_license,
+    base_model_id,
+    framework_versions,
+    run_files,
+)
+from finetune.tasks.glue import GLUE_DATASET, GLUE_TASKS, GluePreset
+
+RESULTS_JSON = "glue_results.json"
+RESULTS_MD = "glue_results.md"
+CHART = "glue_scores.png"
+SUBMISSION_DIR = "submission"
+SUBMISSION_ZIP = "glue_submission.zip"
+FIRST_SEED = 42  # the recipes' seed; --seeds N runs 42, 43, ...
+#: set by the runner itself for every run, so not accepted as pass-through flags
+OWN_FLAGS = ("--model_name_or_path", "--output_dir", "--seed", "--task_name", "--push_to_hub")
+
+
+@dataclass
+class TaskResult:
+    """What happened to one task; ``metrics``: split -> metric -> {mean, std, values} over seeds."""
+
+    status: str = "pending"  # done | failed | skipped
+    reason: str | None = None
+    dataset: str = GLUE_DATASET
+    config: str | None = None
+    runs: dict[str, str] = field(default_factory=dict)  # seed -> run directory (relative to the output)
+    metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    score: dict[str, Any] | None = None  # {mean, std, values}: the GLUE task score (mean of its metrics)
+    best_run: str | None = None
+    submission: dict[str, int] = field(default_factory=dict)  # file -> rows
+    note: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    options, passthrough = parse_options(argv)
+    seeds = seed_list(options.seeds)
+    tasks = task_list(options.tasks)
+    out = Path(options.output_dir or Path("runs") / f"glue-{Path(options.model_name_or_path).name}")
+    results = run_benchmark(options.model_name_or_path, tasks, seeds, out, passthrough)
+    print(Path(out / RESULTS_MD).read_text())
+    print(f"results: {out / RESULTS_JSON}, chart: {out / CHART}, submission: {out / SUBMISSION_ZIP}")
+    failed = [name for name, r in results["tasks"].items() if r["status"] == "failed"]
+    if failed:
+        print(f"finetune: {len(failed)} task(s) failed: {', '.join(failed)} (see the table)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def parse_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(runner options, flags passed through to every training run)."""
+    parser = argparse.ArgumentParser(
+        prog="finetune glue",
+        description="Fine-tune and evaluate a checkpoint on GLUE with each task's recipe. Any `finetune train` "
+        "flag (e.g. --max_train_samples 500 --num_train_epochs 1) is passed on to every run.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--model_name_or_path", required=True, help="Hub id or local path of the checkpoint")
+    parser.add_argument(
+        "--tasks", default=None, help=f"comma-separated GLUE tasks (default: all of {', '.join(GLUE_TASKS)})"
+    )
+    parser.add_argument(
+        "--seeds", default="1", help=f"number of seeds ({FIRST_SEED}, {FIRST_SEED + 1}, ...) or a comma list"
+    )
+    parser.add_argument("--output_dir", default=None, help="default: runs/glue-<model name>")
+    try:
+        options, passthrough = parser.parse_known_args(argv)
+    except SystemExit as exit_:
+        if exit_.code == 0:
+            raise
+        raise FinetuneError("finetune glue needs --model_name_or_path (see finetune glue --help)") from None
+    own = [flag for flag in passthrough if flag.split("=")[0] in OWN_FLAGS]
+    if own:
+        raise FinetuneError(f"{own[0].split('=')[0]} is set by finetune glue for each run; leave it out")
+    return options, passthrough
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise FinetuneError(f"--seeds takes a count or a comma list of integers, not '{text}'") from None
+    if len(values) == 1:
+        if values[0] < 1:
+            raise FinetuneError("--seeds must be at least 1")
+        return [FIRST_SEED + i for i in range(values[0])]
+    return values
+
+
+def task_list(text: str | None) -> list[str]:
+    """Requested tasks in table order (trainers before the tasks predicted with their models)."""
+    if not text:
+        return list(GLUE_TASKS)
+    wanted = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in GLUE_TASKS]
+    if unknown:
+        raise FinetuneError(f"unknown GLUE task '{unknown[0]}' (known: {', '.join(GLUE_TASKS)})")
+    return [t for t in GLUE_TASKS if t in wanted]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_benchmark(model: str, tasks: list[str], seeds: list[int], out: Path, passthrough: list[str]) -> dict:
+    """Train/evaluate/predict every task, then write the results, table, chart and submission."""
+    out.mkdir(parents=True, exist_ok=True)
+    check_passthrough(model, tasks, passthrough)
+    results: dict[str, TaskResult] = {}
+    for name in tasks:
+        preset = GLUE_TASKS[name]
+        result = results[name] = TaskResult(config=name)
+        print(f"== GLUE {name} ==", flush=True)
+        try:
+            missing = missing_from_source(name, model, passthrough)
+            if missing:
+                result.status, result.reason = "skipped", missing
+            elif preset.trained_as:
+                predict_with_trainer_task(name, preset, results, model, out, passthrough)
+            else:
+                train_seeds(name, preset, result, model, seeds, out, passthrough)
+                predict_into(name, preset, out / str(result.best_run), out / str(result.best_run), out, passthrough,
+                             result)
+                result.status = "done"
+        except FinetuneError as error:
+            result.status, result.reason = "failed", str(error)
+        except Exception as error:  # one broken task must not stop the benchmark; its traceback is kept
+            result.status, result.reason = "failed", f"{type(error).__name__}: {mirror.first_line(error)}"
+            (out / name).mkdir(parents=True, exist_ok=True)
+            (out / name / "error.log").write_text(traceback.format_exc())
+        if result.status != "done":
+            print(f"GLUE {name}: {result.status}: {result.reason}", flush=True)
+        write_results(out, model, seeds, passthrough, results)
+    return write_results(out, model, seeds, passthrough, results, final=True)
+
+
+def run_argv(model: str, run_dir: Path, passthrough: list[str], seed: int | None = None) -> list[str]:
+    argv = [*passthrough, "--model_name_or_path", model, "--output_dir", str(run_dir)]
+    return argv + (["--seed", str(seed)] if seed is not None else [])
+
+
+def parsed(recipe: str, argv: list[str], overrides: dict[str, Any] | None = None):
+    from finetune.config import parse_run_config
+
+    config = parse_run_config(recipe, argv, overrides)
+    mirror.use_mirror(config.hub.hub_mirror)
+    return config
+
+
+def check_passthrough(model: str, tasks: list[str], passthrough: list[str]) -> None:
+    """Bad pass-through flags fail now, before the first task trains for an hour."""
+    config = parsed(f"glue-{tasks[0]}", run_argv(model, Path("unused"), passthrough))
+    if config.training.push_to_hub:
+        raise FinetuneError("finetune glue does not push each run; push the results with `finetune push OUT`")
+
+
+def data_source(passthrough: list[str]) -> str:
+    config = parsed("glue-cola", passthrough)
+    return config.data.dataset_name or GLUE_DATASET
+
+
+def missing_from_source(name: str, model: str, passthrough: list[str]) -> str | None:
+    """Why the task cannot run because its data is absent (None when present or when it cannot be told)."""
+    import datasets
+
+    source = data_source(passthrough)
+    where = mirror.resolve(source, "datasets")
+    try:
+        available = datasets.get_dataset_config_names(where)
+    except Exception:  # unreachable source: training will say what is wrong
+        return None
+    if name not in available:
+        place = f"the mirror copy {where}" if where != source else f"'{source}'"
+        return f"not in the data source: {place} has no '{name}' configuration (it has {', '.join(available)})"
+    return None
+
+
+def train_seeds(
+    name: str, preset: GluePreset, result: TaskResult, model: str, seeds: list[int], out: Path, passthrough: list[str]
+) -> None:
+    from finetune import pipeline
+
+    per_seed: list[dict[str, dict[str, float]]] = []
+    for seed in seeds:
+        run_dir = out / name / f"seed-{seed}"
+        metrics_file = run_dir / pipeline.METRICS_FILE
+        if metrics_file.is_file():
+            print(f"GLUE {name} seed {seed}: finished earlier, reusing {run_dir}", flush=True)
+        else:
+            argv = run_argv(model, run_dir, passthrough, seed)
+            if run_dir.is_dir() and any(run_dir.iterdir()):  # an interrupted run: start it again
+                argv += ["--overwrite_output_dir", "true"]
+            pipeline.train(parsed(f"glue-{name}", argv))
+        evaluated = json.loads(metrics_file.read_text())["eval"]
+        per_seed.append(declared_metrics(evaluated, preset))
+        result.runs[str(seed)] = (run_dir.relative_to(out)).as_posix()
+    result.metrics = aggregate_metrics(per_seed)
+    scores = [task_score(m) for m in per_seed]
+    result.score = summary(scores)
+    result.best_run = result.runs[str(seeds[int(np.argmax(scores))])]
+
+
+def declared_metrics(evaluated: dict[str, dict[str, Any]], preset: GluePreset) -> dict[str, dict[str, float]]:
+    """split -> the task's official metrics (as GLUE reports them)."""
+    return {
+        split: {m: float(evaluated[split][m]) for m in preset.metrics if evaluated[split].get(m) is not None}
+        for split in preset.eval_splits
+        if split in evaluated
+    }
+
+
+def task_score(metrics: dict[str, dict[str, float]]) -> float:
+    """GLUE's task score: the unweighted mean of the task's metrics (over its evaluation splits)."""
+    values = [v for split in metrics.values() for v in split.values()]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    array = np.asarray(values, dtype=float)
+    std = float(np.std(array, ddof=1)) if len(array) > 1 else 0.0
+    return {"mean": float(np.mean(array)), "std": std, "values": [float(v) for v in array]}
+
+
+def aggregate_metrics(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    splits = {split: list(values) for m in per_seed for split, values in m.items()}
+    return {
+        split: {metric: summary([m[split][metric] for m in per_seed if metric in m.get(split, {})])
+                for metric in metrics}
+        for split, metrics in splits.items()
+    }
+
+
+def predict_into(
+    name: str, preset: GluePreset, model_dir: Path, target: Path, out: Path, passthrough: list[str], result: TaskResult
+) -> None:
+    """Test-split predictions of ``model_dir`` into ``target``: the input of the submission files."""
+    from finetune import pipeline
+
+    done = [target / f"predictions_{split}.jsonl" for split in preset.predict_splits]
+    if not all(path.is_file() for path in done):
+        overrides = {"model_name_or_path": str(model_dir), "output_dir": str(target)}
+        config = parsed(f"glue-{name}", passthrough, overrides)
+        written = pipeline.predict(config)
+        if not written:
+            result.note = "no test split in the data source: no submission file"
+    result.best_run = result.best_run or target.relative_to(out).as_posix()
+
+
+def predict_with_trainer_task(
+    name: str, preset: GluePreset, results: dict[str, TaskResult], model: str, out: Path, passthrough: list[str]
+) -> None:
+    """A task predicted with another task's fine-tuned model (AX with MNLI's): no training of its own."""
+    result = results[name]
+    trainer = results.get(str(preset.trained_as))
+    if trainer is None or trainer.status != "done":
+        why = "was not run" if trainer is None else f"is {trainer.status}"
+        result.status = "skipped"
+        result.reason = f"predicted with the {preset.trained_as} model, and {preset.trained_as} {why}"
+        return
+    model_dir = out / str(trainer.best_run)
+    predict_into(name, preset, model_dir, out / name, out, passthrough, result)
+    result.note = f"predicted with the {preset.trained_as} model ({trainer.best_run})"
+    result.status = "done"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------------
+
+
+def glue_average(tasks: dict[str, dict]) -> tuple[float | None, list[str]]:
+    """Mean of the task scores of the finished tasks that have validation scores (AX has none)."""
+    scored = [n for n, r in tasks.items() if r["status"] == "done" and r.get("score")]
+    if not scored:
+        return None, []
+    return float(np.mean([tasks[n]["score"]["mean"] for n in scored])), scored
+
+
+def write_results(
+    out: Path, model: str, seeds: list[int], passthrough: list[str], results: dict[str, TaskResult], final: bool = False
+) -> dict:
+    tasks = {name: asdict(result) for name, result in results.items()}
+    if final:
+        write_submission(out, results, tasks)
+    average, averaged = glue_average(tasks)
+    document = {
+        "model_name_or_path": model,
+        "seeds": seeds,
+        "train_flags": passthrough,
+        "command": shlex.join(
+            ["finetune", "glue", "--model_name_or_path", model, "--tasks", ",".join(results),
+             "--seeds", ",".join(map(str, seeds)), "--output_dir", str(out), *passthrough]
+        ),
+        "tasks": tasks,
+        "glue_average": average,
+        "glue_average_tasks": averaged,
+    }
+    (out / RESULTS_JSON).write_text(json.dumps(document, indent=2) + "\n")
+    if final:
+        (out / RESULTS_MD).write_text(markdown_table(document))
+        write_chart(out, document)
+    return document
+
+
+def percent(stats: dict[str, Any]) -> str:
+    shown = f"{100 * stats['mean']:.1f}"
+    return shown + (f" ± {100 * stats['std']:.1f}" if len(stats["values"]) > 1 else "")
+
+
+def markdown_table(document: dict) -> str:
+    """Per task: status, each metric (mean ± std over seeds, x100), the task score, and notes."""
+    seeds = document["seeds"]
+    lines = [
+        f"# GLUE: {document['model_name_or_path']}",
+        "",
+        f"Validation scores x100, mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}). "
+        f"Train flags: `{' '.join(document['train_flags']) or '(recipe defaults)'}`.",
+        "",
+        "| Task | Status | Metrics | Score | Notes |",
+        "|---|---|---|---|---|",
+    ]
+    for name, task in document["tasks"].items():
+        metrics = "; ".join(
+            f"{metric}{'' if split == 'validation' else f' ({split})'} {percent(stats)}"
+            for split, values in task["metrics"].items()
+            for metric, stats in values.items()
+        )
+        score = percent(task["score"]) if task.get("score") else ""
+        notes = "; ".join(
+            filter(None, [task.get("reason"), task.get("note"),
+                          ", ".join(f"{f}: {n} rows" for f, n in task["submission"].items())])
+        )
+        lines.append(f"| {name.upper()} | {task['status']} | {metrics} | {score} | {notes} |")
+    average = document["glue_average"]
+    lines.append("")
+    if average is None:
+        lines.append("GLUE average: no task finished.")
+    else:
+        tasks = document["glue_average_tasks"]
+        lines.append(f"**GLUE average over {len(tasks)} task(s) ({', '.join(tasks)}): {100 * average:.1f}**")
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(out: Path, document: dict) -> Path | None:
+    from finetune.plots import score_bars
+
+    scores = {
+        name.upper(): (100 * t["score"]["mean"], 100 * t["score"]["std"])
+        for name, t in document["tasks"].items()
+        if t["status"] == "done" and t.get("score")
+    }
+    if not scores:
+        return None
+    average = document["glue_average"]
+    title = f"GLUE validation: {Path(document['model_name_or_path']).name} ({len(document['seeds'])} seed(s))"
+    return score_bars(scores, out / CHART, title, None if average is None else 100 * average)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GLUE server submission
+# ---------------------------------------------------------------------------------------------------------
+
+
+def submission_value(prediction: Any, preset: GluePreset) -> str:
+    """The server's label string for one prediction, from the table row's mapping."""
+    if preset.is_regression:
+        low, high = preset.submission_range or (-np.inf, np.inf)
+        return f"{float(np.clip(float(prediction), low, high)):.3f}"
+    return dict(preset.submission_labels).get(str(prediction), str(prediction))
+
+
+def write_submission(out: Path, results: dict[str, TaskResult], tasks: dict[str, dict]) -> Path | None:
+    """``index<TAB>prediction`` files named as the server expects, zipped; only for tasks that predicted."""
+    folder = out / SUBMISSION_DIR
+    folder.mkdir(exist_ok=True)
+    for stale in folder.glob("*.tsv"):
+        stale.unlink()
+    written = []
+    for name, result in results.items():
+        if result.status != "done" or result.best_run is None:
+            continue
+        preset = GLUE_TASKS[name]
+        source = out / result.best_run if not preset.trained_as else out / name
+        for split, file_name in zip(preset.predict_splits, preset.submission_files, strict=True):
+            predictions = source / f"predictions_{split}.jsonl"
+            if not predictions.is_file():
+                continue
+            rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+            lines = ["index\tprediction", *(f"{r['index']}\t{submission_value(r['prediction'], preset)}" for r in rows)]
+            (folder / file_name).write_text("\n".join(lines) + "\n")
+            result.submission[file_name] = len(rows)
+            tasks[name]["submission"] = dict(result.submission)
+            written.append(folder / file_name)
+    archive = out / SUBMISSION_ZIP
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for path in written:
+            bundle.write(path, arcname=path.name)
+    return archive
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Publishing (used by `finetune push GLUE_OUT`)
+# ---------------------------------------------------------------------------------------------------------
+
+GLUE_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+GLUE validation results of {{ source }}, fine-tuned separately on each task with the `finetune` GLUE
+recipes. Each task's best-seed model is in the folder named after the task
+(`AutoModelForSequenceClassification.from_pretrained("{{ repo_id }}", subfolder="rte")`).
+
+{{ table }}
+
+![GLUE scores]({{ chart }})
+
+The GLUE server submission for the test sets is `{{ zip }}`.
+
+## Reproduce
+
+```bash
+{{ command }}
+```
+
+## Framework versions
+
+{{ versions }}
+"""
+
+
+def model_card(out: Path, repo_id: str, api):
+    """A card whose model-index holds each task's validation metrics (mean over seeds)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    document = json.loads((out / RESULTS_JSON).read_text())
+    model = document["model_name_or_path"]
+    base = base_model_id(model)
+    results = [
+        EvalResult(
+            task_type="text-classification",
+            task_name="Text Classification",
+            dataset_type=task["dataset"],
+            dataset_name=f"GLUE {name.upper()}",
+            dataset_config=task["config"],
+            dataset_split=split,
+            metric_type=metric,
+            metric_name=f"{metric} ({split})",
+            metric_value=round(stats["mean"], 4),
+        )
+        for name, task in document["tasks"].items()
+        if task["status"] == "done"
+        for split, values in task["metrics"].items()
+        for metric, stats in values.items()
+    ]
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        base_model=base,
+        datasets=[GLUE_DATASET],
+        license=base_license(base, model, api),
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        tags=["finetune", "glue"],
+        metrics=sorted({r.metric_type for r in results}) or None,
+        eval_results=results or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=GLUE_CARD_TEMPLATE,
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        source=f"[{base}](https://huggingface.co/{base})" if base else f"`{model}`",
+        table=(out / RESULTS_MD).read_text().split("\n", 2)[-1].strip(),
+        chart=CHART,
+        zip=SUBMISSION_ZIP,
+        command=document["command"],
+        versions=framework_versions(),
+    )
+
+
+def upload_files(out: Path) -> list[tuple[Path, str]]:
+    """The report files, and each finished task's best model under ``<task>/``."""
+    names = (CARD_NAME, RESULTS_JSON, RESULTS_MD, CHART, SUBMISSION_ZIP)
+    files = [(out / n, n) for n in names if (out / n).is_file()]
+    document = json.loads((out / RESULTS_JSON).read_text())
+    for name, task in document["tasks"].items():
+        if task["status"] == "done" and task.get("runs") and task.get("best_run"):
+            files += run_files(out / task["best_run"], prefix=f"{name}/")
+    return files
