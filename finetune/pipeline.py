@@ -12,10 +12,12 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import IntervalStrategy
 
+from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
 from finetune.config import RunConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Preempted
 from finetune.task import Task
 from finetune.tasks import task_class
 
@@ -37,12 +39,15 @@ def resume_checkpoint(config: RunConfig) -> str | None:
     if wanted is None:
         return None
     if wanted == "last":
-        found = get_last_checkpoint(config.training.output_dir) if Path(config.training.output_dir).is_dir() else None
+        found = last_complete_checkpoint(config.training.output_dir)
         if found is None:
-            raise FinetuneError(f"resume_from_checkpoint=last: no checkpoint in {config.training.output_dir}")
+            raise FinetuneError(f"resume_from_checkpoint=last: no complete checkpoint in {config.training.output_dir}")
         return found
     if not Path(wanted).is_dir():
         raise FinetuneError(f"resume_from_checkpoint: {wanted} is not a checkpoint directory")
+    if not (Path(wanted) / TRAINER_STATE_NAME).is_file():
+        # The Trainer would load the weights and silently start again from step 0.
+        raise FinetuneError(f"resume_from_checkpoint: {wanted} has no {TRAINER_STATE_NAME}; not a complete checkpoint")
     return wanted
 
 
@@ -115,7 +120,13 @@ def train(config: RunConfig) -> dict[str, Any]:
         Path(config.training.output_dir).mkdir(parents=True, exist_ok=True)
         config.save(config.training.output_dir)
 
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        release_signal_handlers(trainer)
+    stopped = preemption(trainer)
+    if stopped is not None:  # SIGTERM: the checkpoint is all there is time for
+        raise Preempted(stopped.checkpoint, stopped.step)
     if trainer.is_fsdp_enabled:
         # Sharded checkpoints suit resuming; the final model must be one loadable state dict.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
