@@ -9,6 +9,7 @@ is a YAML file with one section per dataclass (``model``, ``data``, ``training``
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -205,6 +206,14 @@ class TrainConfig(TrainingArguments):
     warmup_steps: float = _training_default("warmup_steps", 0.1)
     weight_decay: float = _training_default("weight_decay", 0.01)
     train_sampling_strategy: str = _training_default("train_sampling_strategy", "group_by_length")
+    group_by_length_window: int | None = field(
+        default=None,
+        metadata={
+            "help": "With train_sampling_strategy=group_by_length: how many batches are sorted by length together "
+            "(0: the whole training set, least padding; the batches are then shuffled). Default: transformers' "
+            "windows of up to 50 batches."
+        },
+    )
     hub_strategy: HubStrategy | str = _training_default("hub_strategy", "end")
 
 
@@ -344,13 +353,29 @@ def parse_run_config(
         defaults.update(overrides)
     parser.set_defaults(**{k: _as_default(v) for k, v in defaults.items()})
     try:
-        sections = dict(zip(CONFIG_SECTIONS, parser.parse_args_into_dataclasses(args=list(argv or []))))
+        sections = dict(zip(CONFIG_SECTIONS, parser.parse_args_into_dataclasses(args=list(argv or [])), strict=True))
     except (ValueError, TypeError) as error:
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
     if "dataloader_pin_memory" not in defaults and not torch.cuda.is_available():
         sections["training"].dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
     explicit = set(defaults) | {arg[2:].split("=")[0] for arg in argv or [] if arg.startswith("--")}
+    apply_gpu_speed_defaults(sections["training"], explicit)
     return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))
+
+
+def apply_gpu_speed_defaults(training: TrainConfig, explicit: set[str]) -> None:
+    """On a GPU, unless set: bf16 autocast where the GPU has bf16, and two dataloader workers.
+
+    Neither helps on a CPU without bf16 units (bf16 is emulated there, and workers take cores from the
+    model); an accelerate config that sets mixed precision decides instead.
+    """
+    if not torch.cuda.is_available():
+        return
+    precision_set = {"bf16", "fp16"} & explicit or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no"
+    if not precision_set and torch.cuda.is_bf16_supported():
+        training.bf16 = True
+    if "dataloader_num_workers" not in explicit:
+        training.dataloader_num_workers = 2
 
 
 def load_saved_config(run_dir: str | Path) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def evaluate_splits(
 
 
 def write_predictions(task: Task, raw: Dataset, output, out_dir: Path, split: str) -> Path:
-    path = out_dir / f"predictions_{split}.jsonl"
+    path = out_dir / task.predictions_file(split)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         for record in task.prediction_records(raw, output):

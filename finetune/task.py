@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PredictionOutput
 
+from finetune.batching import FinetuneSampling
 from finetune.config import RunConfig
 from finetune.errors import FinetuneError
 
@@ -32,6 +33,10 @@ def mixed_precision(config: RunConfig) -> bool:
     """Whether the run computes in bf16/fp16, set by the recipe or by an accelerate config file."""
     args = config.training
     return bool(args.fp16 or args.bf16) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("fp16", "bf16")
+
+
+class FinetuneTrainer(FinetuneSampling, Trainer):
+    """The Trainer of classification tasks: finetune's batching (see ``finetune.batching``)."""
 
 
 class Task(ABC):
@@ -104,7 +109,7 @@ class Task(ABC):
         eval_dataset: Dataset | dict[str, Dataset] | None,
         callbacks: list[TrainerCallback],
     ) -> Trainer:
-        return Trainer(
+        return FinetuneTrainer(
             model=model,
             args=self.config.training,
             data_collator=self.data_collator(tokenizer, model),
@@ -122,6 +127,10 @@ class Task(ABC):
     @abstractmethod
     def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:
         """One JSON-able record per example: inputs, reference and prediction, with label names."""
+
+    def predictions_file(self, split: str) -> str:
+        """Name of the file in output_dir that holds one split's prediction records."""
+        return f"predictions_{split}.jsonl"
 
     # -- description -----------------------------------------------------------------------------------------
 

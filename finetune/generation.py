@@ -1,0 +1,537 @@
+"""What summarization and translation share: text-to-text fine-tuning of three kinds of model.
+
+* encoder-decoder checkpoints (T5/mT5, BART, Marian, mBART, NLLB) load as ``AutoModelForSeq2SeqLM``;
+* encoder-only checkpoints (BERT-like) are warm-started as both halves of an ``EncoderDecoderModel``
+  ("bert2bert");
+* decoder-only checkpoints (GPT-2, Llama/SmolLM2) learn ``prompt + target + EOS`` with the loss on the
+  target only, and generate from the prompt alone, left-padded.
+
+The kind follows from the checkpoint, so a recipe switches between them by its model setting only. A
+family module (``tasks/summarization.py``, ``tasks/translation.py``) says where the source and
+reference texts are, how a prompt asks for the output, which baseline to score and which metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    DataCollatorForSeq2Seq,
+    EncoderDecoderModel,
+    EvalPrediction,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.trainer_utils import PredictionOutput
+
+from finetune import data, generation_metrics, mirror, modeling
+from finetune.errors import FinetuneError
+from finetune.task import Task, mixed_precision
+
+IGNORE_INDEX = -100  # label value the loss skips
+SOURCE_MARK = "\x00SOURCE\x00"  # stands for the source text while a prompt template is rendered
+
+
+class ModelKind(str, enum.Enum):
+    ENCODER_DECODER = "encoder-decoder"
+    BERT2BERT = "bert2bert"
+    DECODER_ONLY = "decoder-only"
+
+
+def model_kind(checkpoint: PretrainedConfig) -> ModelKind:
+    """How a checkpoint generates: its own decoder, a decoder warm-started from the encoder, or as one decoder."""
+    if checkpoint.model_type == "encoder-decoder":  # a bert2bert model already fine-tuned
+        return ModelKind.BERT2BERT
+    if getattr(checkpoint, "is_encoder_decoder", False):
+        return ModelKind.ENCODER_DECODER
+    if checkpoint.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return ModelKind.BERT2BERT
+    return ModelKind.DECODER_ONLY
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading texts out of raw rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextColumns:
+    """Where a raw row keeps its source text and reference(s): a column, or a key of a dict column."""
+
+    source: str
+    reference: str | None
+    source_key: str | None = None
+    reference_key: str | None = None
+
+    def source_values(self, batch: dict[str, list]) -> list[Any]:
+        return [value[self.source_key] if self.source_key else value for value in batch[self.source]]
+
+    def sources(self, batch: dict[str, list]) -> list[str]:
+        """Source texts; a list of sentences (SciTLDR) is joined with spaces."""
+        return [" ".join(v) if isinstance(v, list) else str(v) for v in self.source_values(batch)]
+
+    def references(self, batch: dict[str, list]) -> list[list[str]] | None:
+        """All references of each example (one or more), or None when the rows have none."""
+        if self.reference is None or self.reference not in batch:
+            return None
+        values = [value[self.reference_key] if self.reference_key else value for value in batch[self.reference]]
+        return [[str(r) for r in v] if isinstance(v, list) else [str(v)] for v in values]
+
+    def columns(self) -> list[str]:
+        return [c for c in (self.source, self.reference) if c]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization (plain functions of plain values: datasets fingerprints them to cache the result)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Everything the tokenizing map function needs, in a form datasets can fingerprint."""
+
+    tokenizer: PreTrainedTokenizerBase
+    columns: TextColumns
+    kind: ModelKind
+    max_source_length: int
+    max_target_length: int
+    source_prefix: str = ""
+    #: decoder-only: the prompt text before and after the source
+    prompt_head: str = ""
+    prompt_tail: str = ""
+
+
+def encode_batch(batch: dict[str, list], encoding: Encoding) -> dict[str, list]:
+    if encoding.kind is ModelKind.DECODER_ONLY:
+        return encode_decoder_only(batch, encoding)
+    return encode_encoder_decoder(batch, encoding)
+
+
+def encode_encoder_decoder(batch: dict[str, list], encoding: Encoding) -> dict[str, list]:
+    """Source ids, and target ids as ``labels`` (the first reference) where the rows have references."""
+    tok = encoding.tokenizer
+    sources = [encoding.source_prefix + s for s in encoding.columns.sources(batch)]
+    encoded = dict(tok(sources, max_length=encoding.max_source_length, truncation=True))
+    references = encoding.columns.references(batch)
+    if references is not None:
+        targets = [refs[0] if refs else "" for refs in references]
+        labels = tok(text_target=targets, max_length=encoding.max_target_length, truncation=True)["input_ids"]
+        if encoding.kind is ModelKind.BERT2BERT:
+            # BERT wraps text in [CLS] ... [SEP]; [CLS] is the decoder start token, so it is input, not target.
+            labels = [ids[1:] if ids and ids[0] == tok.cls_token_id else ids for ids in labels]
+        encoded["labels"] = labels
+    return encoded
+
+
+def encode_decoder_only(batch: dict[str, list], encoding: Encoding) -> dict[str, list]:
+    """``prompt + target + EOS`` with labels on the target only; just the prompt where there is no reference.
+
+    The source is truncated inside the prompt, so the instruction and the answer cue after it always
+    survive truncation.
+    """
+    tok = encoding.tokenizer
+    head = tok(encoding.prompt_head, add_special_tokens=False)["input_ids"]
+    if tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        head = [tok.bos_token_id] + head  # the tokenizer would add BOS to a whole prompt
+    tail = tok(encoding.prompt_tail, add_special_tokens=False)["input_ids"]
+    room = max(encoding.max_source_length - len(head) - len(tail), 1)
+    sources = tok(encoding.columns.sources(batch), add_special_tokens=False)["input_ids"]
+    prompts = [head + ids[:room] + tail for ids in sources]
+    references = encoding.columns.references(batch)
+    if references is None:
+        return {"input_ids": prompts, "attention_mask": [[1] * len(p) for p in prompts]}
+    targets = tok([refs[0] if refs else "" for refs in references], add_special_tokens=False)["input_ids"]
+    targets = [ids[: encoding.max_target_length] + [tok.eos_token_id] for ids in targets]
+    input_ids = [p + t for p, t in zip(prompts, targets, strict=True)]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [[1] * len(ids) for ids in input_ids],
+        "labels": [[IGNORE_INDEX] * len(p) + t for p, t in zip(prompts, targets, strict=True)],
+    }
+
+
+def prompt_around_source(tokenizer: PreTrainedTokenizerBase, instruction: str, cue: str) -> tuple[str, str]:
+    """(text before, text after) the source: the tokenizer's chat template when it has one, else plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": f"{instruction}\n\n{SOURCE_MARK}"}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if isinstance(rendered, str) and rendered.count(SOURCE_MARK) == 1:
+            head, tail = rendered.split(SOURCE_MARK)
+            return head, tail
+    return f"{instruction}\n\n", f"\n\n{cue}\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def left_padded_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt part of right-padded ``prompt + target`` rows (the unlabelled real tokens), left-padded."""
+    keep = attention_mask.bool()
+    if labels is not None:
+        keep &= labels == IGNORE_INDEX
+    prompts = [row[mask] for row, mask in zip(input_ids, keep, strict=True)]
+    width = max(len(p) for p in prompts)
+    ids = input_ids.new_full((len(prompts), width), pad_token_id)
+    mask = attention_mask.new_zeros((len(prompts), width))
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = prompt
+        mask[i, width - len(prompt):] = 1
+    return ids, mask
+
+
+class GenerationTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer whose evaluation generates; decoder-only models generate from the prompt alone."""
+
+    def __init__(self, *args: Any, decoder_only: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.decoder_only = decoder_only
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if not self.decoder_only or prediction_loss_only or not self.args.predict_with_generate:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        loss = None
+        if labels is not None:
+            loss, _, _ = Trainer.prediction_step(self, model, inputs, True, ignore_keys=ignore_keys)
+        pad = self.model.generation_config.pad_token_id
+        prompt_ids, prompt_mask = left_padded_prompts(inputs["input_ids"], inputs["attention_mask"], labels, pad)
+        with torch.no_grad():
+            generated = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
+        return loss, generated[:, prompt_ids.shape[1]:], labels
+
+
+def seq2seq_arguments(args: TrainingArguments) -> Seq2SeqTrainingArguments:
+    """The run's TrainingArguments as the Seq2SeqTrainingArguments Seq2SeqTrainer reads, generating in eval.
+
+    Generation settings live in the model's generation_config (the ``generation`` section), so the
+    trainer's own generation_* overrides stay unset.
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return Seq2SeqTrainingArguments(**values, predict_with_generate=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The task base
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GenerationTask(Task):
+    """A text-to-text task family; subclasses say where the texts are, how to prompt, what to score."""
+
+    #: name of the baseline, used as the prefix of its metrics (``lead_1_rouge1``)
+    baseline_name: str
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.kind: ModelKind | None = None
+        self.raw: DatasetDict | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def text_columns(self) -> TextColumns: ...
+
+    @abstractmethod
+    def dataset_defaults(self) -> tuple[str | None, str | None]:
+        """(dataset id, config name) of the preset, or (None, None)."""
+
+    @abstractmethod
+    def prompt(self) -> tuple[str, str]:
+        """(instruction, answer cue) that ask a decoder-only model for the output."""
+
+    @abstractmethod
+    def baseline_predictions(self, raw: Dataset) -> list[str]:
+        """What the trivial baseline outputs for each row."""
+
+    @abstractmethod
+    def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
+        """The family's metrics of predictions against each example's references."""
+
+    # -- data ----------------------------------------------------------------------------------------------
+
+    def dataset_id(self) -> tuple[str | None, str | None]:
+        if data.local_files(self.config.data):
+            return None, None
+        name, config_name = self.dataset_defaults()
+        return self.config.data.dataset_name or name, self.config.data.dataset_config_name or config_name
+
+    def load_raw_datasets(self) -> DatasetDict:
+        cfg = self.config.data
+        name, config_name = self.dataset_id()
+        if not name and not data.local_files(cfg):
+            raise FinetuneError(
+                f"no data: set task_name (a {self.family} preset: {', '.join(self.presets)}), dataset_name "
+                "or train_file/validation_file"
+            )
+        raw = with_validation_split(data.load_raw_datasets(cfg, name, config_name), cfg.validation_split_percentage,
+                                    self.config.training.seed)
+        where = name or "the data files"
+        columns = self.text_columns()
+        data.require_columns(raw, [columns.source], where)
+        labelled = DatasetDict({s: raw[s] for s in raw if s not in self.predict_splits(raw)})
+        data.require_columns(labelled, [columns.reference], where)
+        for split in raw:
+            data.require_rows(raw[split], split, where)
+        self.raw = raw
+        return raw
+
+    # -- model and features --------------------------------------------------------------------------------
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        model_cfg = self.config.model
+        self.kind = model_kind(modeling.load_config(model_cfg))
+        tokenizer = modeling.load_tokenizer(model_cfg)
+        for attribute, code in (("src_lang", self.config.data.source_lang_code),
+                                ("tgt_lang", self.config.data.target_lang_code)):
+            if code is None:
+                continue
+            if not hasattr(tokenizer, attribute):
+                raise FinetuneError(
+                    f"the tokenizer of '{model_cfg.model_name_or_path}' has no language codes; drop "
+                    "source_lang_code/target_lang_code (they are for mBART, NLLB and similar models)"
+                )
+            setattr(tokenizer, attribute, code)
+        if self.kind is ModelKind.DECODER_ONLY:
+            tokenizer.padding_side = "right"  # training batches; generation left-pads prompts itself
+        self.tokenizer = tokenizer
+        return tokenizer
+
+    def encoding(self, tokenizer: PreTrainedTokenizerBase) -> Encoding:
+        cfg = self.config.data
+        head, tail = "", ""
+        if self.kind is ModelKind.DECODER_ONLY:
+            head, tail = prompt_around_source(tokenizer, *self.prompt())
+        return Encoding(
+            tokenizer=tokenizer,
+            columns=self.text_columns(),
+            kind=self.kind,
+            max_source_length=cfg.max_seq_length,
+            max_target_length=cfg.max_target_length,
+            # A prefix is how T5-style models are told the task; decoder-only models get a prompt instead.
+            source_prefix=(cfg.source_prefix or "") if self.kind is not ModelKind.DECODER_ONLY else "",
+            prompt_head=head,
+            prompt_tail=tail,
+        )
+
+    def tokenize(self, raw: DatasetDict, tokenizer: PreTrainedTokenizerBase) -> DatasetDict:
+        cfg = self.config.data
+        encoding = self.encoding(tokenizer)
+        tokenized = {}
+        for split, dataset in raw.items():
+            predicting = split in self.predict_splits(raw)
+            # Evaluation splits stay whole: max_eval_samples limits only the evaluations during training.
+            limit = cfg.max_train_samples if split == "train" else cfg.max_predict_samples if predicting else None
+            dataset = data.truncated(dataset, limit)
+            tokenized[split] = dataset.map(
+                encode_batch,
+                fn_kwargs={"encoding": encoding},
+                batched=True,
+                remove_columns=dataset.column_names,
+                num_proc=cfg.preprocessing_num_workers,
+                load_from_cache_file=not cfg.overwrite_cache,
+                desc=f"Tokenizing {split}",
+            )
+        return DatasetDict(tokenized)
+
+    def load_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        if self.kind is None:
+            raise RuntimeError("load_tokenizer must run before load_model")
+        model_cfg = self.config.model
+        if self.kind is ModelKind.DECODER_ONLY:
+            model = modeling.load_model(AutoModelForCausalLM, model_cfg)
+        elif self.kind is ModelKind.BERT2BERT and modeling.load_config(model_cfg).model_type != "encoder-decoder":
+            model = mirror.load_or_explain(
+                lambda path: EncoderDecoderModel.from_encoder_decoder_pretrained(path, path),
+                model_cfg.model_name_or_path,
+                "models",
+            )
+            bert2bert_special_tokens(model, tokenizer)
+        else:
+            model = modeling.load_model(AutoModelForSeq2SeqLM, model_cfg)
+        self.configure_generation(model, tokenizer)
+        return model
+
+    def configure_generation(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """The ``generation`` settings and special tokens, on the generation_config saved with the model."""
+        settings = self.config.generation
+        generation = model.generation_config
+        generation.max_new_tokens = settings.max_new_tokens
+        generation.max_length = None  # max_new_tokens bounds the output, whatever the prompt length
+        generation.num_beams = settings.num_beams
+        if settings.num_beams > 1:  # only meaningful for beams; transformers warns about it otherwise
+            generation.length_penalty = settings.length_penalty
+        if settings.no_repeat_ngram_size > 0:
+            generation.no_repeat_ngram_size = settings.no_repeat_ngram_size
+        if generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id
+        if model.config.pad_token_id is None and hasattr(model.config, "pad_token_id"):
+            model.config.pad_token_id = tokenizer.pad_token_id
+        if self.kind is ModelKind.DECODER_ONLY:
+            # Targets end with the tokenizer's EOS (SmolLM2-Instruct: <|im_end|>), so that is where outputs stop.
+            generation.eos_token_id = tokenizer.eos_token_id
+            generation.pad_token_id = tokenizer.pad_token_id
+        forced = self.config.data.forced_bos_token or self.config.data.target_lang_code
+        if forced is not None:
+            forced_id = tokenizer.convert_tokens_to_ids(forced)
+            if forced_id is None or forced_id == tokenizer.unk_token_id:
+                raise FinetuneError(f"forced_bos_token '{forced}' is not a token of the tokenizer")
+            generation.forced_bos_token_id = forced_id
+
+    def data_collator(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> Any:
+        multiple = 8 if mixed_precision(self.config) else None
+        # The model builds decoder_input_ids from the labels (encoder-decoder kinds).
+        seq2seq_model = model if self.kind is not ModelKind.DECODER_ONLY else None
+        return DataCollatorForSeq2Seq(
+            tokenizer, model=seq2seq_model, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=multiple
+        )
+
+    # -- training, generation and metrics ------------------------------------------------------------------
+
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        train_dataset: Dataset | None,
+        eval_dataset: Dataset | dict[str, Dataset] | None,
+        callbacks: list[TrainerCallback],
+    ) -> Trainer:
+        limit = self.config.data.max_eval_samples
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {split: longest_first(data.truncated(d, limit)) for split, d in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = longest_first(data.truncated(eval_dataset, limit))
+        return GenerationTrainer(
+            model=model,
+            args=seq2seq_arguments(self.config.training),
+            data_collator=self.data_collator(tokenizer, model),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            compute_metrics=self.compute_metrics,
+            callbacks=callbacks,
+            decoder_only=self.kind is ModelKind.DECODER_ONLY,
+        )
+
+    def decode(self, token_ids: np.ndarray) -> list[str]:
+        ids = np.where(token_ids < 0, self.tokenizer.pad_token_id, token_ids)
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        """Scores during training, against the tokenized (first) reference: enough to pick the best checkpoint."""
+        predictions = self.decode(as_token_ids(prediction.predictions))
+        references = [[text] for text in self.decode(np.asarray(prediction.label_ids))]
+        scores = {k: v for k, v in self.score(predictions, references).items() if not isinstance(v, str)}
+        scores["gen_len"] = generation_metrics.mean_length(as_token_ids(prediction.predictions),
+                                                           self.tokenizer.all_special_ids)
+        return scores
+
+    def predict(self, trainer: Trainer, dataset: Dataset, split: str) -> PredictionOutput:
+        """Generate for a whole split (longest first, to batch similar lengths) and score against raw references.
+
+        The final scores use every reference of an example, untruncated, and the baseline is scored by the
+        same function on the same rows.
+        """
+        order = np.argsort([-len(ids) for ids in dataset["input_ids"]], kind="stable")
+        scoring, trainer.compute_metrics = trainer.compute_metrics, None
+        try:
+            output = trainer.predict(dataset.select(order), metric_key_prefix="eval")
+        finally:
+            trainer.compute_metrics = scoring
+        restore = np.argsort(order)
+        token_ids = as_token_ids(output.predictions)[restore]
+        label_ids = None if output.label_ids is None else np.asarray(output.label_ids)[restore]
+        metrics = dict(output.metrics or {})
+        raw = self.raw[split].select(range(len(dataset))) if self.raw is not None else None
+        references = self.text_columns().references(raw[:]) if raw is not None else None
+        if references is not None:
+            predictions = self.decode(token_ids)
+            metrics.update({f"eval_{k}": v for k, v in self.score(predictions, references).items()})
+            metrics["eval_gen_len"] = generation_metrics.mean_length(token_ids, self.tokenizer.all_special_ids)
+            baseline = self.score(self.baseline_predictions(raw), references)
+            metrics.update({f"eval_{self.baseline_name}_{k}": v for k, v in baseline.items() if "signature" not in k})
+            metrics["eval_examples"] = len(predictions)
+        return PredictionOutput(predictions=token_ids, label_ids=label_ids, metrics=metrics)
+
+    def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:
+        rows = raw.select(range(len(output.predictions)))[:]
+        columns = self.text_columns()
+        references = columns.references(rows)
+        records = []
+        for i, (source, prediction) in enumerate(zip(columns.sources(rows), self.decode(output.predictions),
+                                                     strict=True)):
+            record: dict[str, Any] = {"index": i, "source": source}
+            if references is not None:
+                record["references"] = references[i]
+            record["prediction"] = prediction
+            records.append(record)
+        return records
+
+    def predictions_file(self, split: str) -> str:
+        return "generated_predictions.jsonl" if split == "validation" else f"generated_predictions_{split}.jsonl"
+
+
+def as_token_ids(predictions: Any) -> np.ndarray:
+    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+    return np.asarray(predictions)
+
+
+def longest_first(dataset: Dataset) -> Dataset:
+    """The rows sorted by length, longest first: batches of similar length pad and generate less."""
+    return dataset.select(np.argsort([-len(ids) for ids in dataset["input_ids"]], kind="stable"))
+
+
+def with_validation_split(raw: DatasetDict, percentage: int | None, seed: int) -> DatasetDict:
+    """``raw`` with a validation split carved out of train when asked (for data that comes as one file)."""
+    if percentage is None:
+        return raw
+    if "train" not in raw:
+        raise FinetuneError("validation_split_percentage needs a train split to carve the validation split from")
+    if "validation" in raw:
+        raise FinetuneError("validation_split_percentage: the data already has a validation split")
+    if not 0 < percentage < 100:
+        raise FinetuneError(f"validation_split_percentage must be between 1 and 99, got {percentage}")
+    parts = raw["train"].train_test_split(test_size=percentage / 100, seed=seed)
+    return DatasetDict({**raw, "train": parts["train"], "validation": parts["test"]})
+
+
+def bert2bert_special_tokens(model: EncoderDecoderModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A warm-started BERT decoder starts from [CLS], stops at [SEP] and pads with [PAD].
+
+    EncoderDecoderModel has no such defaults; without them it cannot shift labels into decoder inputs,
+    and generation never stops (or stops at once), giving empty text.
+    """
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        raise FinetuneError("bert2bert needs a tokenizer with [CLS] and [SEP] tokens (a BERT-style checkpoint)")
+    tokens = {
+        "decoder_start_token_id": tokenizer.cls_token_id,
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    for name, value in tokens.items():
+        setattr(model.config, name, value)
+        setattr(model.generation_config, name, value)
+    model.config.vocab_size = model.config.decoder.vocab_size
