@@ -135,6 +135,8 @@ def trainer_push_handled(config) -> Iterator[None]:
         hub_token()  # fail now, not after hours of training
     strategy = getattr(args.hub_strategy, "value", args.hub_strategy)
     trainer_pushes = not config.hub.dry_run and strategy in TRAINER_PUSH_STRATEGIES
+    if trainer_pushes and args.process_index == 0:
+        prepare_repo(args)
     args.push_to_hub = trainer_pushes
     try:
         yield
@@ -143,6 +145,24 @@ def trainer_push_handled(config) -> Iterator[None]:
     saved = Path(args.output_dir) / RESOLVED_CONFIG_NAME
     if not trainer_pushes and args.process_index == 0 and saved.is_file():
         config.save(args.output_dir)
+
+
+def prepare_repo(args, sleep: Callable[[float], None] = time.sleep) -> None:
+    """The repo and branch the Trainer pushes checkpoints into (it expects both to exist)."""
+    token = hub_token()
+    api = hub_api(token)
+    wanted = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        repo_url = hub_call(
+            lambda: api.create_repo(wanted, private=args.hub_private_repo, exist_ok=True), "creating", wanted, sleep
+        )
+        if args.hub_revision and args.hub_revision != "main":
+            hub_call(
+                lambda: api.create_branch(repo_url.repo_id, branch=args.hub_revision, exist_ok=True),
+                "creating branch of", repo_url.repo_id, sleep,
+            )
+    except FinetuneError as error:
+        raise FinetuneError(redacted(str(error), token)) from None
 
 
 def push_run(

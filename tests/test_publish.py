@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,6 +179,26 @@ def test_train_push_dry_run_failures_and_the_token_never_written(
     assert len(written) > 10
     leaks = [str(p) for p in written if FAKE_TOKEN.encode() in p.read_bytes()]
     assert leaks == [] and FAKE_TOKEN not in captured.out + captured.err
+
+
+def test_checkpoint_strategy_lets_the_trainer_push_checkpoints(hub: FakeHub, tiny_model_dir, tmp_path, monkeypatch):
+    def upload_folder(**kwargs):  # the Trainer uploads in the background and waits on the futures
+        hub.calls.append(("upload_folder", (), kwargs))
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    monkeypatch.setattr(hub, "upload_folder", upload_folder)
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    out = tmp_path / "run"
+    assert train_pushed(tiny_model_dir("bert"), out, "--hub_strategy", "checkpoint", "--hub_revision", "exp") == 0
+    names = hub.names()
+    assert names[:2] == ["create_repo", "create_branch"]  # before training: the Trainer pushes into the branch
+    pushes = [kwargs for name, _, kwargs in hub.calls if name == "upload_folder"]
+    assert any(p.get("path_in_repo") == "last-checkpoint" for p in pushes)
+    assert all(p["revision"] == "exp" for p in pushes)
+    assert names[-1] == "create_commit"  # the card and final model come last
+    assert "model-index" in metadata_load(out / "README.md")
 
 
 def test_train_with_push_fails_before_training_without_token(tiny_model_dir, tmp_path: Path, monkeypatch, capsys):
