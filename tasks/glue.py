@@ -195,6 +195,10 @@ class GlueTask(Task):
             raise RuntimeError("load_raw_datasets must run before load_model")
         model = modeling.load_model(AutoModelForSequenceClassification, self.config.model, **self.head_kwargs)
         modeling.align_pad_token(model, tokenizer)
+        # The classification loss is a per-batch mean that ignores `num_items_in_batch`, but its forward takes
+        # **kwargs, so the Trainer (5.x, average_tokens_across_devices) would multiply it by the process
+        # count: N processes would report N x the train and eval loss (and scale the gradients).
+        model.accepts_loss_kwargs = False
         return model
 
     def head_settings(self, checkpoint: PretrainedConfig) -> dict[str, Any]:

@@ -227,7 +227,7 @@ def nan_args(*extra: str) -> list[str]:
     return [
         "--max_train_samples", "48", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
         "--max_steps", "12", "--learning_rate", "1e20", "--max_grad_norm", "0", "--warmup_steps", "0",
-        "--logging_steps", "50", "--eval_strategy", "no", "--save_strategy", "no", *extra,
+        "--logging_steps", "50", "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true", *extra,
     ]
 
 
@@ -244,8 +244,9 @@ def test_non_finite_loss_stops_at_the_step_it_happens(tiny_model_dir, tmp_path: 
     model = tiny_model_dir("bert")
     out = tmp_path / "diverged"
     assert main(train_argv(model, out, *nan_args())) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("finetune: error: training loss became ")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 1 and errors[0].startswith("finetune: error: training loss became "), errors
+    error = errors[0]
     stopped_at = int(error.split(" at step ")[1].split()[0])
     assert not (out / "model.safetensors").exists() and not (out / "metrics.json").exists()
 
