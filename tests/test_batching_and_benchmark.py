@@ -1,0 +1,122 @@
+"""Length-bucketed batching, in-order evaluation, and the throughput benchmark's pieces on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.batching import LengthBucketSampler
+from finetune.config import parse_run_config
+from finetune.pipeline import build_task, settle_training_defaults, tokenized_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def padded_tokens(order: list[int], lengths: list[int], batch: int) -> int:
+    batches = [order[s : s + batch] for s in range(0, len(order), batch)]
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_length_bucket_sampler_sorts_globally_and_shuffles_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 100, size=203).tolist()
+    sampler = LengthBucketSampler(8, lengths, window=0, generator=torch.Generator().manual_seed(1))
+    order = list(sampler)
+    assert sorted(order) == list(range(203))  # a permutation: every example once
+    batches = [order[s : s + 8] for s in range(0, 203, 8)]
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest batch first
+    assert len(batches[-1]) == 203 % 8  # the partial batch stays last, so the DataLoader cuts the same batches
+    # a global sort pads no more than any windowed grouping, and batch order is not simply descending
+    windowed = list(LengthBucketSampler(8, lengths, window=2, generator=torch.Generator().manual_seed(1)))
+    assert padded_tokens(order, lengths, 8) <= padded_tokens(windowed, lengths, 8)
+    maxima = [max(lengths[i] for i in b) for b in batches[1:-1]]
+    assert maxima != sorted(maxima, reverse=True)
+    assert list(LengthBucketSampler(8, lengths, 0, torch.Generator().manual_seed(2))) != order  # reshuffled
+
+
+def glue_trainer(model_dir: Path, tmp_path: Path, **overrides):
+    config = parse_run_config(
+        "glue-mrpc",
+        overrides={
+            "model_name_or_path": str(model_dir),
+            "max_train_samples": 64,
+            "max_eval_samples": 48,
+            "output_dir": str(tmp_path / "run"),
+            "report_to": "none",
+            "per_device_eval_batch_size": 8,
+            "eval_strategy": "no",
+            "load_best_model_at_end": False,
+            **overrides,
+        },
+    )
+    task = build_task(config)
+    settle_training_defaults(config, task)
+    _, tokenized, tokenizer = tokenized_splits(task, config)
+    model = task.load_model(tokenizer)
+    return task, task.build_trainer(model, tokenizer, tokenized["train"], None, []), tokenized
+
+
+def test_predictions_keep_dataset_order_under_group_by_length(tiny_model_dir, tmp_path):
+    """transformers groups eval batches by length too; finetune's Trainer must not reorder predictions."""
+    task, trainer, tokenized = glue_trainer(tiny_model_dir("bert"), tmp_path)
+    assert trainer.args.train_sampling_strategy == "group_by_length"  # the default
+    validation = tokenized["validation"]
+    lengths = [len(ids) for ids in validation["input_ids"]]
+    assert len(set(lengths)) > 8  # varied lengths: a length-grouped order would differ from the dataset's
+    got = task.predict(trainer, validation, "validation").predictions
+    trainer.args.train_sampling_strategy = "sequential"  # same model, plainly in order
+    expected = task.predict(trainer, validation, "validation").predictions
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_group_by_length_window_zero_uses_the_bucket_sampler(tiny_model_dir, tmp_path):
+    _, trainer, _ = glue_trainer(tiny_model_dir("bert"), tmp_path, group_by_length_window=0)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthBucketSampler) and sampler.window == 0
+    assert sorted(sampler) == list(range(64))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_benchmark_runs_both_arms_and_writes_its_report(tiny_model_dir, tmp_path):
+    bench = load_benchmark()
+    out = tmp_path / "throughput.json"
+    argv = ["--rounds", "1", "--train_samples", "32", "--steps", "2", "--eval_samples", "16", "--skip_steps", "1",
+            "--model", str(tiny_model_dir("bert")), "--json", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["summary"]) == {"baseline", "finetune"}
+    base, ours = report["summary"]["baseline"], report["summary"]["finetune"]
+    for row in (base, ours):
+        assert row["optimizer_steps"] == 2 and row["train_samples"] == 64
+        assert row["train_samples_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert 0 <= row["eval_metrics"]["f1"] <= 1 and row["eval_samples"] == 16
+    assert base["padding_fraction"] > 0.5 > ours["padding_fraction"]  # padded to 128 vs per batch
+    assert report["ratios_vs_baseline"]["baseline"]["train_samples_per_s"] == pytest.approx(1.0)
+    assert len(report["runs"]) == 2 and report["machine"]["load_average_before"]
+
+
+def test_benchmark_arm_counts_real_and_padded_tokens(tiny_model_dir, tmp_path):
+    """One arm in process: exact step and sample counts, and the padding of run_glue's pad-to-128."""
+    bench = load_benchmark()
+    opts = bench.main.__globals__["argparse"].Namespace(
+        model_path=str(tiny_model_dir("bert")), train_samples=32, eval_samples=16, steps=2, skip_steps=1, bf16=False
+    )
+    result = bench.run_arm("baseline", 0, opts)
+    assert result.optimizer_steps == 2 and result.train_samples == 64
+    assert result.padding_fraction > 0.5  # MRPC pairs average ~53 tokens, padded to 128
+    assert result.real_tokens_per_s < result.train_samples_per_s * 128
+    assert result.eval_samples == 16 and set(result.eval_metrics) == {"f1", "accuracy"}
