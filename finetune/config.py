@@ -207,10 +207,10 @@ class TrainConfig(TrainingArguments):
     weight_decay: float = _training_default("weight_decay", 0.01)
     train_sampling_strategy: str = _training_default("train_sampling_strategy", "group_by_length")
     group_by_length_window: int | None = field(
-        default=None,
+        default=0,
         metadata={
-            "help": "With train_sampling_strategy=group_by_length: how many batches are sorted by length together "
-            "(0: the whole training set, least padding; the batches are then shuffled). Default: transformers' "
+            "help": "With train_sampling_strategy=group_by_length: how many batches are sorted by length together; "
+            "0: the whole training set (least padding), the batches then come in random order. None: transformers' "
             "windows of up to 50 batches."
         },
     )
