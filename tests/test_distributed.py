@@ -9,6 +9,7 @@ a single-process evaluation of the same weights, and only the main process write
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 from conftest import ROOT, read_json, read_jsonl
 
+from finetune.callbacks import last_complete_checkpoint
 from finetune.cli import main
 
 pytestmark = pytest.mark.distributed
@@ -106,3 +108,54 @@ def test_two_process_evaluation_equals_one_process(two_process_run, tmp_path: Pa
     assert double["loss"] == pytest.approx(during_training["loss"], rel=1e-6)
     assert double["loss"] == pytest.approx(single["loss"], rel=1e-2)
     assert read_jsonl(two / "predictions_validation.jsonl") == read_jsonl(one / "predictions_validation.jsonl")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_checkpoints_all_and_resumes(tiny_model_dir, tmp_path: Path) -> None:
+    """SIGTERM reaching only rank 1: the ranks agree at the step's end, save together (no rank left waiting
+    in a collective), stop, and a 2-process resume from `last` finishes the schedule."""
+    import psutil
+
+    run, cache = tmp_path / "run", tmp_path / "datasets-cache"
+    # 64 examples / (2 per process x 2 processes) = 16 steps per epoch.
+    common = ["train", "glue-mrpc", "--model_name_or_path", str(tiny_model_dir("bert")), "--output_dir", str(run),
+              "--max_train_samples", "64", "--max_eval_samples", "16", "--per_device_train_batch_size", "2",
+              "--logging_steps", "1", "--disable_tqdm", "true"]
+    args = [*common, "--num_train_epochs", "20"]
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, HF_DATASETS_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [str(launcher), "launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"), "-m", "finetune"]
+    process = subprocess.Popen([*command, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("{") and "'loss'" in line:
+                break
+        workers = {
+            child.environ().get("RANK"): child
+            for child in psutil.Process(process.pid).children(recursive=True)
+            if "finetune" in " ".join(child.cmdline())
+        }
+        workers["1"].send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(seen) + rest
+    stopped = [line for line in output.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stopped) == 1, output[-4000:]  # printed by rank 0 only
+    checkpoint = Path(last_complete_checkpoint(run) or "")
+    assert checkpoint.name.startswith("checkpoint-"), output[-4000:]
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    assert not (run / "metrics.json").exists()
+
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert stopped_at < 16, "SIGTERM arrived too late for this test's resume schedule"
+    # The requeued job, cut to one epoch to stay short (the scheduler is rebuilt for the new length).
+    accelerate_launch([*common, "--num_train_epochs", "1", "--resume_from_checkpoint", "last"], cache)
+    state = read_json(run / "trainer_state.json")
+    assert state["global_step"] == 16
+    assert sorted(e["step"] for e in state["log_history"] if "loss" in e) == list(range(1, 17))
