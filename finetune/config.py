@@ -103,6 +103,13 @@ class DataConfig:
     max_predict_samples: int | None = field(
         default=None, metadata={"help": "Truncate the prediction set to this many examples."}
     )
+    max_final_eval_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Generation tasks: truncate each evaluation set to this many examples for the evaluation after "
+            "training and `finetune evaluate` (default: the whole split)."
+        },
+    )
     summary_column: str | None = field(
         default=None, metadata={"help": "Summarization: column with the reference summary; default: the preset's."}
     )

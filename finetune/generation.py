@@ -342,8 +342,11 @@ class GenerationTask(Task):
         tokenized = {}
         for split, dataset in raw.items():
             predicting = split in self.predict_splits(raw)
-            # Evaluation splits stay whole: max_eval_samples limits only the evaluations during training.
-            limit = cfg.max_train_samples if split == "train" else cfg.max_predict_samples if predicting else None
+            # max_eval_samples limits only the evaluations during training (in build_trainer); the final
+            # evaluation reads the whole split unless max_final_eval_samples says otherwise.
+            limit = cfg.max_train_samples if split == "train" else (
+                cfg.max_predict_samples if predicting else cfg.max_final_eval_samples
+            )
             dataset = data.truncated(dataset, limit)
             tokenized[split] = dataset.map(
                 encode_batch,
