@@ -279,8 +279,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
             kind = "NaN" if nan else "infinite"
             raise NonFiniteLoss(
                 f"training loss became {kind} at step {state.global_step} (epoch {state.epoch:.2f}); stopped "
-                "without saving this step. Lower --learning_rate, set --max_grad_norm, or check the data and "
-                "fp16 settings, then resume from the last checkpoint"
+                "without saving this step. Lower --learning_rate or raise --warmup_steps, check the data and "
+                "fp16 settings, then start again or resume from an earlier checkpoint"
             )
         bad.zero_()
         return control
