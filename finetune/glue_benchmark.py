@@ -10,7 +10,8 @@ Outputs in ``<out>``: ``glue_results.json`` (every number, per seed), ``glue_res
 per task metrics, mean and std over seeds, and the average), ``glue_scores.png`` (bar chart), and
 ``submission/*.tsv`` zipped as ``glue_submission.zip``.
 
-Resumable: a seed whose ``metrics.json`` exists is not trained again. A task that fails is reported
+Resumable: a seed whose ``metrics.json`` exists is not trained again, and one stopped after a checkpoint
+(SIGTERM, crash) resumes from it. A task that fails is reported
 with its reason and the others go on; a task the data source does not have is reported as skipped.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from finetune import mirror
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Preempted
 from finetune.publish import (
     CARD_NAME,
     base_license,
@@ -160,6 +161,10 @@ def run_benchmark(model: str, tasks: list[str], seeds: list[int], out: Path, pas
                 predict_into(name, preset, out / str(result.best_run), out / str(result.best_run), out, passthrough,
                              result)
                 result.status = "done"
+        except Preempted:  # SIGTERM: the checkpoint is saved; the same command resumes from it
+            result.status, result.reason = "failed", "stopped by SIGTERM; run the same command to resume"
+            write_results(out, model, seeds, passthrough, results)
+            raise
         except FinetuneError as error:
             result.status, result.reason = "failed", str(error)
         except Exception as error:  # one broken task must not stop the benchmark; its traceback is kept
@@ -217,6 +222,7 @@ def train_seeds(
     name: str, preset: GluePreset, result: TaskResult, model: str, seeds: list[int], out: Path, passthrough: list[str]
 ) -> None:
     from finetune import pipeline
+    from finetune.callbacks import last_complete_checkpoint
 
     per_seed: list[dict[str, dict[str, float]]] = []
     for seed in seeds:
@@ -226,7 +232,9 @@ def train_seeds(
             print(f"GLUE {name} seed {seed}: finished earlier, reusing {run_dir}", flush=True)
         else:
             argv = run_argv(model, run_dir, passthrough, seed)
-            if run_dir.is_dir() and any(run_dir.iterdir()):  # an interrupted run: start it again
+            if run_dir.is_dir() and last_complete_checkpoint(str(run_dir)):  # stopped after a save: go on
+                argv += ["--resume_from_checkpoint", "last"]
+            elif run_dir.is_dir() and any(run_dir.iterdir()):  # stopped before any checkpoint: start again
                 argv += ["--overwrite_output_dir", "true"]
             pipeline.train(parsed(f"glue-{name}", argv))
         evaluated = json.loads(metrics_file.read_text())["eval"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from test_glue_mnli_ax import mnli_mirror  # noqa: F401  (fixture: a stand-in mi
 
 from finetune import glue_benchmark, pipeline
 from finetune.cli import main
+from finetune.errors import PREEMPTED_EXIT_CODE, Preempted
 
 SHORT = ["--max_train_samples", "16", "--max_eval_samples", "16", "--max_predict_samples", "10",
          "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3"]
@@ -120,6 +122,25 @@ def test_resume_skips_finished_runs_and_a_failing_task_does_not_stop_the_others(
     assert "| COLA | failed |" in (benchmark / "glue_results.md").read_text()
     assert "boom in cola" in (benchmark / "cola" / "error.log").read_text()
     assert "1 task(s) failed: cola" in capsys.readouterr().err
+
+
+def test_a_stopped_seed_resumes_from_its_checkpoint_and_sigterm_stops_the_benchmark(
+    benchmark: Path, tiny_model_dir, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "glue"
+    shutil.copytree(benchmark / "rte" / "seed-42", out / "rte" / "seed-42")
+    (out / "rte" / "seed-42" / "metrics.json").unlink()  # as if stopped after its last checkpoint
+    resumed: list[str | None] = []
+
+    def train(config):
+        resumed.append(config.training.resume_from_checkpoint)
+        raise Preempted(str(out / "rte" / "seed-42" / "checkpoint-2"), 2)
+
+    monkeypatch.setattr(pipeline, "train", train)
+    assert glue(tiny_model_dir("bert"), out, "rte,wnli") == PREEMPTED_EXIT_CODE
+    assert resumed == ["last"]
+    tasks = read_json(out / "glue_results.json")["tasks"]
+    assert list(tasks) == ["rte"] and "SIGTERM" in tasks["rte"]["reason"]  # wnli never started
 
 
 def test_ax_is_predicted_with_the_mnli_model(mnli_mirror: Path, tiny_model_dir, tmp_path: Path) -> None:  # noqa: F811
