@@ -167,6 +167,8 @@ def inference_config(argv: list[str], prog: str):
     }
     keep = ("tokenizer_name", "attn_implementation", "trust_remote_code")
     overrides.update({k: v for k, v in saved.get("model", {}).items() if k in keep and v is not None})
+    # Generation tasks decode as the run did (max_new_tokens, num_beams, ...) unless told otherwise.
+    overrides.update({k: v for k, v in saved.get("generation", {}).items() if v is not None})
     overrides["model_name_or_path"] = model
     return parsed_config(None, rest, overrides), splits
 

@@ -144,8 +144,8 @@ class DataConfig:
     validation_split_percentage: int | None = field(
         default=None,
         metadata={
-            "help": "Carve a validation split of this percentage out of the train split (seeded by `seed`), for "
-            "data that comes as one file."
+            "help": "Carve a validation split of this percentage out of the train split (the same rows in every "
+            "run), for data that comes as one file."
         },
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
@@ -175,6 +175,9 @@ class GenerationSettings:
     """How summarization and translation models generate text (saved as the model's generation_config.json)."""
 
     max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per example."})
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "Fewest tokens generated per example (EOS is suppressed until then)."}
+    )
     num_beams: int = field(default=1, metadata={"help": "Beam search width; 1 is greedy decoding (fastest)."})
     length_penalty: float = field(
         default=1.0, metadata={"help": "With beams: >1 favours longer outputs, <1 shorter ones."}

@@ -46,6 +46,7 @@ from finetune.errors import FinetuneError
 from finetune.task import Task, mixed_precision
 
 IGNORE_INDEX = -100  # label value the loss skips
+VALIDATION_SPLIT_SEED = 42
 SOURCE_MARK = "\x00SOURCE\x00"  # stands for the source text while a prompt template is rendered
 
 
@@ -286,8 +287,7 @@ class GenerationTask(Task):
                 f"no data: set task_name (a {self.family} preset: {', '.join(self.presets)}), dataset_name "
                 "or train_file/validation_file"
             )
-        raw = with_validation_split(data.load_raw_datasets(cfg, name, config_name), cfg.validation_split_percentage,
-                                    self.config.training.seed)
+        raw = with_validation_split(data.load_raw_datasets(cfg, name, config_name), cfg.validation_split_percentage)
         where = name or "the data files"
         columns = self.text_columns()
         data.require_columns(raw, [columns.source], where)
@@ -384,6 +384,8 @@ class GenerationTask(Task):
         generation.max_new_tokens = settings.max_new_tokens
         generation.max_length = None  # max_new_tokens bounds the output, whatever the prompt length
         generation.num_beams = settings.num_beams
+        if settings.min_new_tokens > 0:
+            generation.min_new_tokens = settings.min_new_tokens
         if settings.num_beams > 1:  # only meaningful for beams; transformers warns about it otherwise
             generation.length_penalty = settings.length_penalty
         if settings.no_repeat_ngram_size > 0:
@@ -506,7 +508,7 @@ def longest_first(dataset: Dataset) -> Dataset:
     return dataset.select(np.argsort([-len(ids) for ids in dataset["input_ids"]], kind="stable"))
 
 
-def with_validation_split(raw: DatasetDict, percentage: int | None, seed: int) -> DatasetDict:
+def with_validation_split(raw: DatasetDict, percentage: int | None) -> DatasetDict:
     """``raw`` with a validation split carved out of train when asked (for data that comes as one file)."""
     if percentage is None:
         return raw
@@ -516,7 +518,8 @@ def with_validation_split(raw: DatasetDict, percentage: int | None, seed: int) -
         raise FinetuneError("validation_split_percentage: the data already has a validation split")
     if not 0 < percentage < 100:
         raise FinetuneError(f"validation_split_percentage must be between 1 and 99, got {percentage}")
-    parts = raw["train"].train_test_split(test_size=percentage / 100, seed=seed)
+    # A fixed seed, not the training seed: `finetune evaluate RUN_DIR` must carve the same validation rows.
+    parts = raw["train"].train_test_split(test_size=percentage / 100, seed=VALIDATION_SPLIT_SEED)
     return DatasetDict({**raw, "train": parts["train"], "validation": parts["test"]})
 
 

@@ -126,8 +126,9 @@ def test_evaluate_a_run_directory_on_the_full_split(tiny_model_dir, tmp_path: Pa
     trained = read_json(out / "metrics.json")["eval"]["validation"]
     assert main(["evaluate", str(out)]) == 0
     evaluated = read_json(out / "eval_results.json")["validation"]
-    # Greedy decoding is deterministic: the same model gives the same scores.
+    # The run's generation settings are reused and greedy decoding is deterministic: the same outputs.
     assert evaluated["sacrebleu"] == pytest.approx(trained["sacrebleu"])
+    assert evaluated["gen_len"] == pytest.approx(trained["gen_len"]) and 0 < evaluated["gen_len"] <= 6
     assert evaluated["examples"] == 16
 
 
