@@ -42,6 +42,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from transformers.trainer_utils import PredictionOutput
 
 from finetune import data, generation_metrics, mirror, modeling
+from finetune.batching import FinetuneSampling
 from finetune.errors import FinetuneError
 from finetune.task import Task, mixed_precision
 
@@ -201,8 +202,12 @@ def left_padded_prompts(
     return ids, mask
 
 
-class GenerationTrainer(Seq2SeqTrainer):
-    """Seq2SeqTrainer whose evaluation generates; decoder-only models generate from the prompt alone."""
+class GenerationTrainer(FinetuneSampling, Seq2SeqTrainer):
+    """Seq2SeqTrainer whose evaluation generates; decoder-only models generate from the prompt alone.
+
+    FinetuneSampling keeps evaluation batches in dataset order (transformers would group them by length at
+    random), which ``GenerationTask.predict`` relies on to put predictions back against their rows.
+    """
 
     def __init__(self, *args: Any, decoder_only: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -229,8 +234,13 @@ def seq2seq_arguments(args: TrainingArguments) -> Seq2SeqTrainingArguments:
     Generation settings live in the model's generation_config (the ``generation`` section), so the
     trainer's own generation_* overrides stay unset.
     """
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    return Seq2SeqTrainingArguments(**values, predict_with_generate=True)
+    converted = Seq2SeqTrainingArguments(**values, predict_with_generate=True)
+    for extra in dataclasses.fields(args):  # finetune's own training settings (group_by_length_window, ...)
+        if extra.name not in base:
+            setattr(converted, extra.name, getattr(args, extra.name))
+    return converted
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -167,3 +167,20 @@ def test_decoder_only_prompt_masks_and_left_pads(tiny_model_dir) -> None:
     assert ids.shape[1] == head_len
     assert mask[1].tolist() == [0] * (head_len - short_prompt) + [1] * short_prompt
     assert ids[1, -short_prompt:].tolist() == short["input_ids"][:short_prompt]
+
+
+def test_evaluation_batches_keep_the_rows_order(tiny_model_dir) -> None:
+    """Predictions are put back against their rows: the trainer must not shuffle evaluation batches."""
+    from torch.utils.data import SequentialSampler
+
+    from finetune.config import parse_run_config
+    from finetune.pipeline import load_for_inference
+
+    config = parse_run_config(None, [
+        "--task", "translation", "--model_name_or_path", str(tiny_model_dir("marian")),
+        "--validation_file", str(WMT / "val.jsonl"), "--source_lang", "en", "--target_lang", "ro",
+        "--train_sampling_strategy", "group_by_length", "--group_by_length_window", "2", "--report_to", "none",
+    ])
+    task, trainer, raw, tokenized = load_for_inference(config)
+    assert trainer.args.predict_with_generate and trainer.args.group_by_length_window == 2
+    assert isinstance(trainer._get_eval_sampler(tokenized["validation"]), SequentialSampler)
