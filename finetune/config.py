@@ -224,6 +224,14 @@ class TrainConfig(TrainingArguments):
             "windows of up to 50 batches."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Decoder-only models on summarization/translation: train on each batch concatenated into one "
+            "row without padding (DataCollatorWithFlattening; position_ids restart per example and keep the "
+            "examples apart). Saves the compute spent on padding; batch shapes then vary by total length."
+        },
+    )
     hub_strategy: HubStrategy | str = _training_default("hub_strategy", "end")
 
 

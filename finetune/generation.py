@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
     EncoderDecoderModel,
     EvalPrediction,
     PretrainedConfig,
@@ -209,9 +210,20 @@ class GenerationTrainer(FinetuneSampling, Seq2SeqTrainer):
     random), which ``GenerationTask.predict`` relies on to put predictions back against their rows.
     """
 
-    def __init__(self, *args: Any, decoder_only: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, decoder_only: bool = False, padding_free: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.decoder_only = decoder_only
+        self.padding_free = padding_free
+
+    def get_train_dataloader(self):
+        if not self.padding_free:
+            return super().get_train_dataloader()
+        # Only training batches are flattened: generation needs left-padded prompts.
+        padded, self.data_collator = self.data_collator, DataCollatorWithFlattening()
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = padded
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         if not self.decoder_only or prediction_loss_only or not self.args.predict_with_generate:
@@ -448,7 +460,16 @@ class GenerationTask(Task):
             compute_metrics=self.compute_metrics,
             callbacks=callbacks,
             decoder_only=self.kind is ModelKind.DECODER_ONLY,
+            padding_free=self.padding_free(),
         )
+
+    def padding_free(self) -> bool:
+        if self.config.training.padding_free and self.kind is not ModelKind.DECODER_ONLY:
+            raise FinetuneError(f"padding_free needs a decoder-only model; this one is {self.kind.value}")
+        if self.config.training.padding_free and self.config.training.use_cache:
+            # transformers keeps packed examples apart (by position_ids) only when no KV cache is built.
+            raise FinetuneError("padding_free needs use_cache false: with a cache, packed examples see each other")
+        return self.config.training.padding_free
 
     def decode(self, token_ids: np.ndarray) -> list[str]:
         ids = np.where(token_ids < 0, self.tokenizer.pad_token_id, token_ids)

@@ -109,6 +109,8 @@ class Task(ABC):
         eval_dataset: Dataset | dict[str, Dataset] | None,
         callbacks: list[TrainerCallback],
     ) -> Trainer:
+        if self.config.training.padding_free:
+            raise FinetuneError(f"padding_free is for decoder-only models on generation tasks, not {self.family}")
         return FinetuneTrainer(
             model=model,
             args=self.config.training,

@@ -184,3 +184,59 @@ def test_evaluation_batches_keep_the_rows_order(tiny_model_dir) -> None:
     task, trainer, raw, tokenized = load_for_inference(config)
     assert trainer.args.predict_with_generate and trainer.args.group_by_length_window == 2
     assert isinstance(trainer._get_eval_sampler(tokenized["validation"]), SequentialSampler)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_free_batches_give_the_padded_loss(arch: str, tiny_model_dir, tmp_path: Path) -> None:
+    """Flattened training batches hold no padding, and each example still attends only to itself."""
+    from finetune.config import parse_run_config
+    from finetune.pipeline import build_task, tokenized_splits
+
+    config = parse_run_config(None, [
+        "--task", "summarization", "--model_name_or_path", str(tiny_model_dir(arch)), "--train_file", str(XSUM),
+        "--output_dir", str(tmp_path / "run"), "--padding_free", "true", "--per_device_train_batch_size", "4",
+        "--max_seq_length", "64", "--max_target_length", "16", "--report_to", "none",
+        "--eval_strategy", "no", "--save_strategy", "no",
+    ])
+    task = build_task(config)
+    raw, tokenized, tokenizer = tokenized_splits(task, config)
+    model = task.load_model(tokenizer)
+    trainer = task.build_trainer(model, tokenizer, tokenized["train"], None, [])
+    assert trainer.padding_free
+
+    flat = next(iter(trainer.get_train_dataloader()))
+    assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+    examples = [tokenized["train"][i] for i in range(4)]
+    assert flat["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in examples)
+    assert (flat["position_ids"][0] == 0).sum() == 4  # positions restart at every example
+
+    # The same four examples, padded as evaluation pads them, must give the same loss and the same logits.
+    padded = trainer.data_collator(examples)
+    flattened = trainer.get_train_dataloader().collate_fn(examples)
+    assert padded["input_ids"].shape[1] < flattened["input_ids"].shape[1]
+    model.train()  # training mode (the mode padding-free applies to), without dropout's randomness
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        assert trainer.compute_loss(model, dict(flattened)).item() == pytest.approx(
+            trainer.compute_loss(model, dict(padded)).item(), rel=1e-5
+        )
+        padded_logits = model(**padded).logits
+        packed_logits = model(**flattened).logits[0]
+        # with a KV cache transformers stops keeping packed examples apart: the check below can tell
+        leaky_logits = model(**flattened, use_cache=True).logits[0]
+    starts = [0, *torch.cumsum(torch.tensor([len(e["input_ids"]) for e in examples]), 0).tolist()]
+    for i in range(4):
+        n = starts[i + 1] - starts[i]
+        torch.testing.assert_close(packed_logits[starts[i]:starts[i + 1]], padded_logits[i, :n], atol=1e-5, rtol=1e-4)
+    assert (leaky_logits[starts[1]:] - packed_logits[starts[1]:]).abs().max() > 1e-3
+
+
+def test_padding_free_is_refused_for_classification(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    code = main([
+        "train", "glue-mrpc", "--model_name_or_path", str(tiny_model_dir("gpt2")), "--output_dir",
+        str(tmp_path / "run"), "--max_train_samples", "8", "--max_eval_samples", "8", "--padding_free", "true",
+    ])
+    assert code == 2
+    assert "padding_free" in capsys.readouterr().err
