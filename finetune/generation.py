@@ -450,17 +450,14 @@ class GenerationTask(Task):
             eval_dataset = {split: longest_first(data.truncated(d, limit)) for split, d in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = longest_first(data.truncated(eval_dataset, limit))
+        return super().build_trainer(model, tokenizer, train_dataset, eval_dataset, callbacks)
+
+    def trainer(self, **kwargs: Any) -> Trainer:
         return GenerationTrainer(
-            model=model,
             args=seq2seq_arguments(self.config.training),
-            data_collator=self.data_collator(tokenizer, model),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            compute_metrics=self.compute_metrics,
-            callbacks=callbacks,
             decoder_only=self.kind is ModelKind.DECODER_ONLY,
             padding_free=self.padding_free(),
+            **kwargs,
         )
 
     def padding_free(self) -> bool:

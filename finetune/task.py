@@ -109,11 +109,8 @@ class Task(ABC):
         eval_dataset: Dataset | dict[str, Dataset] | None,
         callbacks: list[TrainerCallback],
     ) -> Trainer:
-        if self.config.training.padding_free:
-            raise FinetuneError(f"padding_free is for decoder-only models on generation tasks, not {self.family}")
-        return FinetuneTrainer(
+        return self.trainer(
             model=model,
-            args=self.config.training,
             data_collator=self.data_collator(tokenizer, model),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
@@ -121,6 +118,12 @@ class Task(ABC):
             compute_metrics=self.compute_metrics,
             callbacks=callbacks,
         )
+
+    def trainer(self, **kwargs: Any) -> Trainer:
+        """This family's Trainer class and training arguments around the common Trainer arguments."""
+        if self.config.training.padding_free:
+            raise FinetuneError(f"padding_free is for decoder-only models on generation tasks, not {self.family}")
+        return FinetuneTrainer(args=self.config.training, **kwargs)
 
     def predict(self, trainer: Trainer, dataset: Dataset, split: str) -> PredictionOutput:
         """Predictions (and metrics, where labels exist) for one tokenized split."""
