@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", action="store_true", help="run every feature arm: " + ", ".join(ABLATION))
     parser.add_argument("--rounds", type=int, default=2, help="times each arm runs (alternating)")
     parser.add_argument("--train_samples", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (512 / 32 = one epoch)")
+    parser.add_argument("--steps", type=int, default=32, help="optimizer steps per run (512 / 16 = one epoch)")
     parser.add_argument("--eval_samples", type=int, default=None, help="validation rows evaluated (0: none; all)")
     parser.add_argument("--skip_steps", type=int, default=2, help="steps left out of the steady-state figures")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict
@@ -76,6 +77,23 @@ def require_columns(dataset: DatasetDict, columns: Iterable[str | None], where: 
 
 def truncated(data: Dataset, limit: int | None) -> Dataset:
     return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+
+def tokenized(dataset: Dataset, split: str, encode: Callable, encoding: dict[str, Any], cfg: DataConfig) -> Dataset:
+    """``dataset`` mapped in batches through ``encode(batch, **encoding)`` into model inputs only.
+
+    ``encoding`` holds plain values because datasets fingerprints them: an identical fingerprint in every
+    process is what lets the other processes read the main process's cache.
+    """
+    return dataset.map(
+        encode,
+        fn_kwargs=encoding,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=cfg.preprocessing_num_workers,
+        load_from_cache_file=not cfg.overwrite_cache,
+        desc=f"Tokenizing {split}",
+    )
 
 
 def require_rows(data: Dataset, split: str, where: str) -> None:

@@ -370,15 +370,7 @@ class GenerationTask(Task):
                 cfg.max_predict_samples if predicting else cfg.max_final_eval_samples
             )
             dataset = data.truncated(dataset, limit)
-            tokenized[split] = dataset.map(
-                encode_batch,
-                fn_kwargs={"encoding": encoding},
-                batched=True,
-                remove_columns=dataset.column_names,
-                num_proc=cfg.preprocessing_num_workers,
-                load_from_cache_file=not cfg.overwrite_cache,
-                desc=f"Tokenizing {split}",
-            )
+            tokenized[split] = data.tokenized(dataset, split, encode_batch, {"encoding": encoding}, cfg)
         return DatasetDict(tokenized)
 
     def load_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:

@@ -224,8 +224,6 @@ class GlueTask(Task):
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
         cfg = self.config.data
-        # Everything the map function needs, passed as plain values: datasets fingerprints them, and an
-        # identical fingerprint in every process is what lets the others read the main process's cache.
         encoding = {
             "tokenizer": tokenizer,
             "columns": (self.text_column, self.text_pair_column, self.label_column),
@@ -241,15 +239,7 @@ class GlueTask(Task):
             dataset = data.truncated(dataset, limit)
             if predicting and self.label_column in dataset.column_names:
                 dataset = dataset.remove_columns(self.label_column)
-            tokenized[split] = dataset.map(
-                encode_batch,
-                fn_kwargs=encoding,
-                batched=True,
-                remove_columns=dataset.column_names,
-                num_proc=cfg.preprocessing_num_workers,
-                load_from_cache_file=not cfg.overwrite_cache,
-                desc=f"Tokenizing {split}",
-            )
+            tokenized[split] = data.tokenized(dataset, split, encode_batch, encoding, cfg)
         return DatasetDict(tokenized)
 
     # -- metrics -------------------------------------------------------------------------------------------

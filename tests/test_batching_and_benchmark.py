@@ -101,7 +101,7 @@ def test_benchmark_runs_both_arms_and_writes_its_report(tiny_model_dir, tmp_path
     assert set(report["summary"]) == {"baseline", "finetune"}
     base, ours = report["summary"]["baseline"], report["summary"]["finetune"]
     for row in (base, ours):
-        assert row["optimizer_steps"] == 2 and row["train_samples"] == 64
+        assert row["optimizer_steps"] == 2 and row["train_samples"] == 2 * 16  # the recipe's batch 16
         assert row["train_samples_per_s"] > 0 and row["peak_memory_mb"] > 0
         assert 0 <= row["eval_metrics"]["f1"] <= 1 and row["eval_samples"] == 16
     assert base["padding_fraction"] > 0.5 > ours["padding_fraction"]  # padded to 128 vs per batch
@@ -116,7 +116,7 @@ def test_benchmark_arm_counts_real_and_padded_tokens(tiny_model_dir, tmp_path):
         model_path=str(tiny_model_dir("bert")), train_samples=32, eval_samples=16, steps=2, skip_steps=1, bf16=False
     )
     result = bench.run_arm("baseline", 0, opts)
-    assert result.optimizer_steps == 2 and result.train_samples == 64
+    assert result.optimizer_steps == 2 and result.train_samples == 2 * 16  # the recipe's batch 16
     assert result.padding_fraction > 0.5  # MRPC pairs average ~53 tokens, padded to 128
     assert result.real_tokens_per_s < result.train_samples_per_s * 128
     assert result.eval_samples == 16 and set(result.eval_metrics) == {"f1", "accuracy"}
