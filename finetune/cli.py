@@ -122,9 +122,10 @@ def cmd_train(argv: list[str]) -> int:
         return show_help("finetune train", "[RECIPE] [--flag value ...]")
     recipe, rest = split_positional(argv)
     config = parsed_config(recipe, rest)
-    from finetune import pipeline, publish
+    from finetune import pipeline
+    from finetune.hub import push
 
-    with publish.trainer_push_handled(config):  # the model goes up after training, with its card
+    with push.trainer_push_handled(config):  # the model goes up after training, with its card
         metrics = pipeline.train(config)
     if config.training.process_index == 0:
         print_metrics_table(metrics["eval"])
@@ -136,9 +137,9 @@ def cmd_train(argv: list[str]) -> int:
 def maybe_push(config) -> None:
     if not config.training.push_to_hub:
         return
-    from finetune import publish
+    from finetune.hub import push
 
-    publish.push_run(config.training.output_dir, config=config)
+    push.push_run(config.training.output_dir, config=config)
 
 
 def split_option(argv: list[str]) -> tuple[list[str] | None, list[str]]:
@@ -195,15 +196,17 @@ def cmd_predict(argv: list[str]) -> int:
 
 
 def cmd_push(argv: list[str]) -> int:
-    from finetune import publish
+    from finetune.glue.report import GLUE_FOLDER
+    from finetune.hub import push
 
-    return publish.main(argv)
+    # The GLUE folder brings its own card and files; hub/ knows nothing of glue/ (no import circle).
+    return push.main(argv, folder_kinds=[GLUE_FOLDER])
 
 
 def cmd_glue(argv: list[str]) -> int:
-    from finetune import glue_benchmark
+    from finetune.glue import runner
 
-    return glue_benchmark.main(argv)
+    return runner.main(argv)
 
 
 def print_metrics_table(results: dict[str, dict[str, Any]]) -> None:

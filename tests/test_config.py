@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 from finetune.tasks import task_class
+from finetune.tasks.glue import GLUE_TASKS
 
 from finetune.cli import main
 from finetune.config import CONFIG_SECTIONS, parse_run_config, read_recipe, shipped_recipes
 from finetune.errors import FinetuneError
-from tasks.glue import GLUE_TASKS
 
 RECIPES = shipped_recipes()
 

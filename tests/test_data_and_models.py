@@ -213,6 +213,10 @@ def test_wheel_installs_tasks_inside_the_package(tmp_path: Path) -> None:
     wheel = next(tmp_path.glob("finetune-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "finetune/tasks/glue.py" in names and "finetune/tasks/__init__.py" in names
+    # every module of every subpackage (pyproject lists the packages by hand)
+    sources = [p.relative_to(ROOT).as_posix() for p in (ROOT / "finetune").rglob("*.py")]
+    sources += ["finetune/" + p.relative_to(ROOT).as_posix() for p in (ROOT / "tasks").rglob("*.py")]
+    assert "finetune/hub/push.py" in sources and sorted(set(sources) - set(names)) == []
     assert "finetune/recipes/glue-mrpc.yaml" in names
     assert not [n for n in names if n.startswith("tasks/")], "a top-level 'tasks' package would be installed"
     top_level = next(n for n in names if n.endswith("top_level.txt"))

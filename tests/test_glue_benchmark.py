@@ -15,9 +15,10 @@ from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from test_glue_mnli_ax import mnli_mirror  # noqa: F401  (fixture: a stand-in mirror with MNLI and AX)
 
-from finetune import glue_benchmark, pipeline
+from finetune import pipeline
 from finetune.cli import main
 from finetune.errors import PREEMPTED_EXIT_CODE, Preempted
+from finetune.glue.submission import submission_value
 
 SHORT = ["--max_train_samples", "16", "--max_eval_samples", "16", "--max_predict_samples", "10",
          "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3"]
@@ -168,9 +169,9 @@ def test_submission_labels_cover_every_label_name_in_the_data() -> None:
         assert dict(preset.submission_labels) == {label: str(i) for i, label in enumerate(names)}, name
         checked += 1
     assert checked >= 4
-    assert glue_benchmark.submission_value(5.7, GLUE_TASKS["stsb"]) == "5.000"
-    assert glue_benchmark.submission_value(-0.2, GLUE_TASKS["stsb"]) == "0.000"
-    assert glue_benchmark.submission_value("not_entailment", GLUE_TASKS["rte"]) == "not_entailment"
+    assert submission_value(5.7, GLUE_TASKS["stsb"]) == "5.000"
+    assert submission_value(-0.2, GLUE_TASKS["stsb"]) == "0.000"
+    assert submission_value("not_entailment", GLUE_TASKS["rte"]) == "not_entailment"
 
 
 def test_bad_options_are_one_line_errors(capsys) -> None:

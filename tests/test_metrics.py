@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from finetune.tasks.glue import GlueTask
 from transformers import EvalPrediction
 
 from finetune.config import parse_run_config
 from finetune.metrics import predicted_labels, score
-from tasks.glue import GlueTask
 
 
 def test_accuracy_and_f1_by_hand() -> None:

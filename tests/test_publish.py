@@ -1,6 +1,6 @@
 """Pushing runs to the Hub, with the Hub stubbed at the HfApi boundary (there is no network here).
 
-The stub records what `finetune.publish` asks of `HfApi` and answers like the Hub would, or fails like
+The stub records what `finetune.hub` asks of `HfApi` and answers like the Hub would, or fails like
 it does (401, 403, 409, 503, connection errors), so the real card, file list, retries and error
 messages are exercised.
 """
@@ -22,8 +22,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from finetune import publish
 from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.hub import card, client, push
 
 FAKE_TOKEN = f"hf_fake{uuid.uuid4().hex}"
 
@@ -73,7 +74,7 @@ def http_error(status: int, message: str = "") -> HfHubHTTPError:
 def hub(monkeypatch) -> FakeHub:
     fake = FakeHub()
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.setattr(publish, "hub_api", lambda token: fake)
+    monkeypatch.setattr(client, "hub_api", lambda token: fake)
     return fake
 
 
@@ -88,7 +89,7 @@ def train_pushed(model_dir: Path, out: Path, *extra: str) -> int:
 
 def snapshot(run_dir: Path) -> dict[str, str]:
     """Hash of every file the push must not touch (the card and curves are rewritten on purpose)."""
-    skip = (publish.CARD_NAME, publish.CURVES_NAME)
+    skip = (card.CARD_NAME, card.CURVES_NAME)
     return {
         str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name not in skip
@@ -111,7 +112,7 @@ def test_train_push_dry_run_failures_and_the_token_never_written(
     assert {"README.md", "config.json", "model.safetensors", "metrics.json", "finetune_config.yaml",
             "training_curves.png", "trainer_state.json", "predictions_validation.jsonl"} <= uploaded
     assert not any(name.startswith("checkpoint-") or name == "training_args.bin" for name in uploaded)
-    assert {op.path_in_repo for op in operations} == {p for _, p in publish.run_files(out)}
+    assert {op.path_in_repo for op in operations} == {p for _, p in push.run_files(out)}
 
     # the card's metadata parses with huggingface_hub's helpers and holds the run's metrics
     metadata = metadata_load(out / "README.md")
@@ -160,12 +161,12 @@ def test_train_push_dry_run_failures_and_the_token_never_written(
     # transient errors are retried (without sleeping here), then the push goes through
     waits: list[float] = []
     hub.failures, hub.calls = [http_error(503), httpx2.ConnectError("connection reset")], []
-    assert publish.push_run(out, sleep=waits.append) is not None
+    assert push.push_run(out, sleep=waits.append) is not None
     assert waits == [1.0, 2.0] and hub.names() == ["create_repo"] * 3 + ["create_branch", "create_commit"]
     # ... and give up with one line when the network stays down
-    hub.failures = [httpx2.ConnectError("network is unreachable")] * publish.RETRY_ATTEMPTS
-    with pytest.raises(publish.FinetuneError, match="did not answer .* after 4 attempts"):
-        publish.push_run(out, sleep=lambda s: None)
+    hub.failures = [httpx2.ConnectError("network is unreachable")] * client.RETRY_ATTEMPTS
+    with pytest.raises(FinetuneError, match="did not answer .* after 4 attempts"):
+        push.push_run(out, sleep=lambda s: None)
     assert snapshot(out) == before
 
     # no token at all
@@ -217,7 +218,7 @@ def test_push_refuses_an_unfinished_run(tmp_path: Path, capsys) -> None:
 
 
 def test_base_model_and_license_from_the_mirror_copy() -> None:
-    assert publish.base_model_id(str(MINILM)) == "sentence-transformers/all-MiniLM-L6-v2"
-    assert publish.base_model_id("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
-    assert publish.base_license("sentence-transformers/all-MiniLM-L6-v2", None, api=None) == "apache-2.0"
-    assert publish.base_model_id("/no/such/dir/model") is None
+    assert card.base_model_id(str(MINILM)) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.base_model_id("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.base_license("sentence-transformers/all-MiniLM-L6-v2", None, api=None) == "apache-2.0"
+    assert card.base_model_id("/no/such/dir/model") is None

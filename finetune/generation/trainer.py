@@ -1,0 +1,87 @@
+"""The Trainer of generation tasks: evaluation generates, decoder-only models from the prompt alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from transformers import (
+    DataCollatorWithFlattening,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainingArguments,
+)
+
+from finetune.batching import FinetuneSampling
+from finetune.generation.encoding import IGNORE_INDEX
+
+
+def left_padded_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt part of right-padded ``prompt + target`` rows (the unlabelled real tokens), left-padded."""
+    keep = attention_mask.bool()
+    if labels is not None:
+        keep &= labels == IGNORE_INDEX
+    prompts = [row[mask] for row, mask in zip(input_ids, keep, strict=True)]
+    width = max(len(p) for p in prompts)
+    ids = input_ids.new_full((len(prompts), width), pad_token_id)
+    mask = attention_mask.new_zeros((len(prompts), width))
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = prompt
+        mask[i, width - len(prompt):] = 1
+    return ids, mask
+
+
+class GenerationTrainer(FinetuneSampling, Seq2SeqTrainer):
+    """Seq2SeqTrainer whose evaluation generates; decoder-only models generate from the prompt alone.
+
+    FinetuneSampling keeps evaluation batches in dataset order (transformers would group them by length at
+    random), which ``GenerationTask.predict`` relies on to put predictions back against their rows.
+    """
+
+    def __init__(self, *args: Any, decoder_only: bool = False, padding_free: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.decoder_only = decoder_only
+        self.padding_free = padding_free
+
+    def get_train_dataloader(self):
+        if not self.padding_free:
+            return super().get_train_dataloader()
+        # Only training batches are flattened: generation needs left-padded prompts.
+        padded, self.data_collator = self.data_collator, DataCollatorWithFlattening()
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = padded
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        if not self.decoder_only or prediction_loss_only or not self.args.predict_with_generate:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        loss = None
+        if labels is not None:
+            loss, _, _ = Trainer.prediction_step(self, model, inputs, True, ignore_keys=ignore_keys)
+        pad = self.model.generation_config.pad_token_id
+        prompt_ids, prompt_mask = left_padded_prompts(inputs["input_ids"], inputs["attention_mask"], labels, pad)
+        with torch.no_grad():
+            generated = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
+        return loss, generated[:, prompt_ids.shape[1]:], labels
+
+
+def seq2seq_arguments(args: TrainingArguments) -> Seq2SeqTrainingArguments:
+    """The run's TrainingArguments as the Seq2SeqTrainingArguments Seq2SeqTrainer reads, generating in eval.
+
+    Generation settings live in the model's generation_config (the ``generation`` section), so the
+    trainer's own generation_* overrides stay unset.
+    """
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    converted = Seq2SeqTrainingArguments(**values, predict_with_generate=True)
+    for extra in dataclasses.fields(args):  # finetune's own training settings (group_by_length_window, ...)
+        if extra.name not in base:
+            setattr(converted, extra.name, getattr(args, extra.name))
+    return converted

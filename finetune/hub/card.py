@@ -1,0 +1,315 @@
+"""Model cards: the card of a finished run, and the shared pieces every finetune card is built from.
+
+A card is ``huggingface_hub``'s ``ModelCard``: YAML metadata (base model, datasets, licence carried from
+the base model, ``model-index`` results the Hub renders), then the text: a summary, the results, the
+command that reproduces the run and the framework versions.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.repocard import metadata_load
+
+from finetune import mirror
+from finetune.config import DataConfig
+from finetune.errors import FinetuneError
+
+CARD_NAME = "README.md"
+CURVES_NAME = "training_curves.png"
+FRAMEWORKS = ("finetune", "transformers", "torch", "datasets", "accelerate", "huggingface_hub", "tokenizers")
+HYPERPARAMETERS = {
+    "training": (
+        "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+        "gradient_accumulation_steps", "seed", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay",
+        "bf16", "fp16", "metric_for_best_model",
+    ),
+    "data": ("max_seq_length", "max_train_samples", "max_eval_samples"),
+}
+#: settings left out of the reproduce command: pushing is not part of training, tokens are never shown
+NOT_REPRODUCED = ("push_to_hub", "hub_", "_token", "logging_dir", "overwrite_output_dir")
+
+#: every card starts with its metadata and title, and ends with how to reproduce it and the versions used
+CARD_HEAD = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+"""
+CARD_FOOTER = """## Reproduce
+
+```bash
+{{ command }}
+```
+
+## Framework versions
+
+{{ versions }}
+"""
+RUN_CARD_BODY = """{{ summary }}
+
+## Results
+
+{{ results_table }}
+{% if curves %}
+## Training curves
+
+![Training loss and evaluation metric]({{ curves }})
+{% endif %}
+## Training hyperparameters
+
+{{ hyperparameters }}
+
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------------
+
+
+def model_card(
+    body: str,
+    *,
+    name: str,
+    base: str | None,
+    name_or_path: str | None,
+    datasets: list[str] | None,
+    pipeline_tag: str,
+    tags: list[str],
+    results: list[EvalResult],
+    command: str,
+    api: HfApi | None,
+    **fields: Any,
+) -> ModelCard:
+    """A card from ``body`` (a jinja template) between the common head and footer."""
+    card_data = ModelCardData(
+        model_name=name,
+        base_model=base,
+        datasets=datasets,
+        license=base_license(base, name_or_path, api),
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=tags,
+        metrics=sorted({r.metric_type for r in results}) or None,
+        eval_results=results or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_HEAD + body + CARD_FOOTER,
+        model_name=name,
+        command=command,
+        versions=framework_versions(),
+        **fields,
+    )
+
+
+def eval_result(
+    task_type: str, dataset: str, dataset_name: str, config: str | None, split: str, metric: str, value: float
+) -> EvalResult:
+    """One model-index entry: a metric of one split of one dataset (configuration)."""
+    return EvalResult(
+        task_type=task_type,
+        task_name=task_type.replace("-", " ").title(),
+        dataset_type=dataset,
+        dataset_name=dataset_name,
+        dataset_config=config,
+        dataset_split=split,
+        metric_type=metric,
+        metric_name=f"{metric} ({split})",
+        metric_value=round(value, 4),
+    )
+
+
+def base_model_id(name_or_path: str | None) -> str | None:
+    """The Hub id of the starting checkpoint: the id itself, or the id of its mirror copy; None for other paths."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        root = mirror.mirror_root()
+        try:
+            return path.resolve().relative_to((root / "models").resolve()).as_posix() if root else None
+        except ValueError:
+            return None
+    return name_or_path if name_or_path.count("/") <= 1 else None
+
+
+def base_license(base: str | None, name_or_path: str | None, api: HfApi | None) -> str | None:
+    """The base model's licence: from its card in a local folder or the mirror, else from the Hub."""
+    candidates = [name_or_path, mirror.resolve(base, "models") if base else None]
+    for candidate in candidates:
+        card = Path(candidate).expanduser() / CARD_NAME if candidate else None
+        if card is not None and card.is_file():
+            found = (metadata_load(card) or {}).get("license")
+            if found:
+                return str(found)
+    if base and api is not None:
+        try:
+            card_data = api.model_info(base).card_data
+            return getattr(card_data, "license", None) if card_data else None
+        except Exception:  # the licence is a nicety: a failed lookup must not stop the push
+            return None
+    return None
+
+
+def framework_versions() -> str:
+    lines = []
+    for package in FRAMEWORKS:
+        try:
+            lines.append(f"- {package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The card of a run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_card(run_dir: Path, saved: dict, repo_id: str, api: HfApi | None) -> ModelCard:
+    """The model card of a finished run, from its saved config, metrics and log history."""
+    model, data = saved.get("model", {}), saved.get("data", {})
+    task = describe_task(data)
+    base = base_model_id(model.get("model_name_or_path"))
+    evaluated = json.loads((run_dir / "metrics.json").read_text()).get("eval", {})
+    curves = write_training_curves(run_dir, saved)
+    trained_on = f"[{task.dataset}](https://huggingface.co/datasets/{task.dataset})" if task.dataset else "local files"
+    if task.config_name:
+        trained_on += f" (`{task.config_name}`)"
+    source = f"[{base}](https://huggingface.co/{base})" if base else f"`{model.get('model_name_or_path')}`"
+    return model_card(
+        RUN_CARD_BODY,
+        name=repo_id.split("/")[-1],
+        base=base,
+        name_or_path=model.get("model_name_or_path"),
+        datasets=[task.dataset] if task.dataset else None,
+        pipeline_tag=task.hub_task_type,
+        tags=[tag for tag in ("finetune", task.family, task.task_name) if tag],
+        results=eval_results(task, evaluated),
+        command=reproduce_command(saved),
+        api=api,
+        summary=f"{source} fine-tuned on {trained_on} for {task.hub_task_type} with "
+        "`finetune` (transformers `Trainer`).",
+        results_table=results_table(evaluated, task.metrics),
+        curves=curves.name if curves else None,
+        hyperparameters=hyperparameters_table(saved),
+    )
+
+
+def describe_task(data: dict) -> SimpleNamespace:
+    """Family, preset, dataset id/config, Hub task type and declared metrics of a saved run's task."""
+    from finetune.tasks import task_class
+
+    family = data.get("task") or "glue"
+    known = {k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__}
+    try:
+        cls = task_class(family)
+        task = cls(SimpleNamespace(data=DataConfig(**known)))
+        dataset, config_name = task.dataset_id()
+        preset = task.preset
+    except (FinetuneError, TypeError, AttributeError):
+        cls, preset = None, None
+        dataset, config_name = data.get("dataset_name"), data.get("dataset_config_name")
+    return SimpleNamespace(
+        family=family,
+        task_name=data.get("task_name"),
+        dataset=dataset,
+        config_name=config_name,
+        hub_task_type=getattr(cls, "hub_task_type", "text-classification"),
+        metrics=tuple(getattr(preset, "metrics", ()) or ()),
+        best_metric=getattr(preset, "best_metric", None),
+    )
+
+
+def is_score(name: str, value: Any) -> bool:
+    """A quality metric (not loss, timing, counts or epoch)."""
+    skip = ("runtime", "per_second", "loss", "epoch", "examples", "steps")
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not name.endswith(skip)
+
+
+def scored_metrics(values: dict[str, Any], declared: tuple[str, ...]) -> dict[str, float]:
+    """The declared metrics of a split when known, else every quality metric in it."""
+    names = [m for m in declared if m in values] or [k for k, v in values.items() if is_score(k, v)]
+    return {name: float(values[name]) for name in names if values.get(name) is not None}
+
+
+def eval_results(task: SimpleNamespace, evaluated: dict[str, dict[str, Any]]) -> list[EvalResult]:
+    """model-index entries: one per (split, metric), with the dataset id, config and split."""
+    if not task.dataset:
+        return []  # the Hub needs a dataset id to render a result
+    dataset_name = f"{task.dataset} {task.config_name}" if task.config_name else task.dataset
+    return [
+        eval_result(task.hub_task_type, task.dataset, dataset_name, task.config_name, split, metric, value)
+        for split, values in evaluated.items()
+        for metric, value in scored_metrics(values, task.metrics).items()
+    ]
+
+
+def results_table(evaluated: dict[str, dict[str, Any]], declared: tuple[str, ...]) -> str:
+    rows = [
+        f"| {split} | {metric} | {value:.4f} |"
+        for split, values in evaluated.items()
+        for metric, value in scored_metrics(values, declared).items()
+    ]
+    if not rows:
+        return "No evaluation split."
+    return "\n".join(["| split | metric | value |", "|---|---|---|", *rows])
+
+
+def write_training_curves(run_dir: Path, saved: dict) -> Path | None:
+    from finetune.plots import training_curves
+
+    state_file = run_dir / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    history = json.loads(state_file.read_text()).get("log_history", [])
+    metric = saved.get("training", {}).get("metric_for_best_model")
+    return training_curves(history, metric, run_dir / CURVES_NAME)
+
+
+def hyperparameters_table(saved: dict) -> str:
+    rows = []
+    for section, names in HYPERPARAMETERS.items():
+        values = saved.get(section, {})
+        rows += [f"| {name} | {values[name]} |" for name in names if values.get(name) not in (None, False, -1)]
+    return "\n".join(["| setting | value |", "|---|---|", *rows])
+
+
+def reproduce_command(saved: dict) -> str:
+    """``finetune train RECIPE --flag value ...``: the settings in which the run differs from its recipe."""
+    from finetune.config import parse_run_config
+
+    recipe = saved.get("recipe")
+    try:
+        defaults = parse_run_config(recipe).to_dict()
+    except FinetuneError:  # a recipe file that is gone: spell out everything that differs from the defaults
+        recipe, defaults = None, parse_run_config(None).to_dict()
+    # A run picks its task's metric for the best checkpoint by itself; only another choice is a flag.
+    settled = saved.get("training", {}).get("metric_for_best_model") == describe_task(saved.get("data", {})).best_metric
+    flags: list[str] = []
+    for section in ("model", "data", "training"):
+        for key, value in saved.get(section, {}).items():
+            if any(part in key for part in NOT_REPRODUCED) or value is None:
+                continue
+            if settled and key in ("metric_for_best_model", "greater_is_better"):
+                continue
+            if value != defaults.get(section, {}).get(key):
+                flags += [f"--{key}", flag_value(value)]
+    return shlex.join(["finetune", "train", *([recipe] if recipe else []), *flags])
+
+
+def flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
