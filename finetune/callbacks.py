@@ -7,6 +7,7 @@
 - ``CheckpointOnSigterm``: SIGTERM (preemption, time limit) saves a checkpoint at the next step and
   stops; the command line then exits with ``PREEMPTED_EXIT_CODE``.
 - ``StopOnNonFiniteLoss``: a NaN or infinite training loss stops the run at the step it happens.
+- ``early_stopping``: transformers' EarlyStoppingCallback when ``--early_stopping_patience`` is set.
 """
 
 from __future__ import annotations
@@ -20,9 +21,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from finetune.config import RunConfig
 from finetune.errors import FinetuneError
@@ -34,7 +42,30 @@ _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def default_callbacks(config: RunConfig) -> list[TrainerCallback]:
-    return [CompleteCheckpoints(), EpochSeededSampler(), CheckpointOnSigterm(), StopOnNonFiniteLoss()]
+    callbacks = [CompleteCheckpoints(), EpochSeededSampler(), CheckpointOnSigterm(), StopOnNonFiniteLoss()]
+    if config.training.early_stopping_patience is not None:
+        callbacks.append(early_stopping(config.training))
+    return callbacks
+
+
+def early_stopping(args: TrainingArguments) -> EarlyStoppingCallback:
+    """transformers' EarlyStoppingCallback, after checking that the run evaluates and keeps its best model.
+
+    The callback itself only asserts (a traceback) or warns; these are the user's settings, so one line each.
+    """
+    patience = args.early_stopping_patience
+    if patience < 1:
+        raise FinetuneError(f"early_stopping_patience must be at least 1, not {patience}")
+    if args.eval_strategy == IntervalStrategy.NO:
+        raise FinetuneError(
+            "early_stopping_patience needs evaluations during training: eval_strategy epoch or steps and a "
+            "validation split"
+        )
+    if not args.load_best_model_at_end:
+        raise FinetuneError("early_stopping_patience needs load_best_model_at_end true (the stop keeps the best model)")
+    if args.metric_for_best_model is None:
+        raise FinetuneError("early_stopping_patience needs metric_for_best_model")
+    return EarlyStoppingCallback(early_stopping_patience=patience)
 
 
 # ---------------------------------------------------------------------------------------------------------

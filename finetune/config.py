@@ -233,6 +233,22 @@ class TrainConfig(TrainingArguments):
         },
     )
     hub_strategy: HubStrategy | str = _training_default("hub_strategy", "end")
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training after this many evaluations in a row without improvement of "
+            "metric_for_best_model (transformers' EarlyStoppingCallback); the best checkpoint is kept. Needs "
+            "evaluations (eval_strategy epoch or steps) and load_best_model_at_end."
+        },
+    )
+    class_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Classification: weighted cross-entropy for imbalanced labels. 'auto': inverse label frequency "
+            "in the training set, normalised so that the mean weight per training example is 1; or one weight per "
+            "label in the dataset's label order, comma-separated (w1,w2,...). The run's config records the weights."
+        },
+    )
 
 
 CONFIG_SECTIONS: dict[str, type] = {

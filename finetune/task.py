@@ -47,6 +47,8 @@ class Task(ABC):
     presets: ClassVar[Mapping[str, Any]]
     #: the pipeline tag the Hub uses for this kind of model (model-index ``task.type``)
     hub_task_type: ClassVar[str]
+    #: whether ``--class_weights`` (a weighted classification loss) applies to this family
+    supports_class_weights: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -109,6 +111,8 @@ class Task(ABC):
         eval_dataset: Dataset | dict[str, Dataset] | None,
         callbacks: list[TrainerCallback],
     ) -> Trainer:
+        if self.config.training.class_weights is not None and not self.supports_class_weights:
+            raise FinetuneError(f"class_weights is for classification, not {self.family}")
         return self.trainer(
             model=model,
             data_collator=self.data_collator(tokenizer, model),

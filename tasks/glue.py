@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Value
-from transformers import AutoModelForSequenceClassification, EvalPrediction, PretrainedConfig
+from transformers import AutoModelForSequenceClassification, EvalPrediction, PretrainedConfig, Trainer
 from transformers.trainer_utils import PredictionOutput
 
 from finetune import data, metrics, modeling
 from finetune.errors import FinetuneError
-from finetune.task import Task
+from finetune.task import FinetuneTrainer, Task
 
 GLUE_DATASET = "nyu-mll/glue"
 MNLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -112,6 +114,7 @@ class GlueTask(Task):
     family = "glue"
     presets = GLUE_TASKS
     hub_task_type = "text-classification"
+    supports_class_weights = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -200,6 +203,31 @@ class GlueTask(Task):
         # count: N processes would report N x the train and eval loss (and scale the gradients).
         model.accepts_loss_kwargs = False
         return model
+
+    def trainer(self, **kwargs: Any) -> Trainer:
+        weights = self.loss_weights(kwargs.get("train_dataset"))
+        if weights is None or self.config.training.padding_free:  # the base class refuses padding_free
+            return super().trainer(**kwargs)
+        return WeightedLossTrainer(args=self.config.training, class_weights=weights, **kwargs)
+
+    def loss_weights(self, train_dataset: Dataset | None) -> torch.Tensor | None:
+        """Per-class loss weights in model label order from ``--class_weights``, or None for the plain loss.
+
+        The weights used replace the setting (dataset label order), so the saved config and the model card
+        show the numbers the loss used, and ``auto`` reruns reproduce them.
+        """
+        setting = self.config.training.class_weights
+        if setting is None or train_dataset is None:
+            return None
+        if self.is_regression:
+            raise FinetuneError("class_weights is for classification; this task is a regression")
+        model_ids = np.asarray(train_dataset["labels"])
+        by_name = class_weights(setting, self.dataset_label_ids(model_ids[model_ids >= 0]), self.label_names)
+        self.config.training.class_weights = ",".join(f"{w:.6g}" for w in by_name)
+        in_model_order = [0.0] * len(by_name)
+        for data_id, weight in enumerate(by_name):
+            in_model_order[(self.label_to_model_id or {}).get(data_id, data_id)] = weight
+        return torch.tensor(in_model_order, dtype=torch.float32)
 
     def head_settings(self, checkpoint: PretrainedConfig) -> dict[str, Any]:
         """from_pretrained kwargs for the classification head, reusing a trained head when its labels match."""
@@ -295,6 +323,52 @@ class GlueTask(Task):
         for data_id, model_id in self.label_to_model_id.items():
             names[model_id] = self.label_names[data_id]
         return names
+
+
+def class_weights(setting: str, label_ids: np.ndarray, names: list[str]) -> list[float]:
+    """One loss weight per label (dataset order) from ``auto`` or ``w1,w2,...``.
+
+    ``auto`` is sklearn's "balanced" weighting, n / (k * count): inverse frequency, normalised so that the
+    mean weight over the training examples is 1 (the loss keeps its scale, so the learning rate still fits).
+    """
+    if setting.strip() == "auto":
+        counts = np.bincount(label_ids.astype(int), minlength=len(names))
+        if (counts == 0).any():
+            missing = names[int(np.flatnonzero(counts == 0)[0])]
+            raise FinetuneError(f"class_weights auto: label '{missing}' has no training example; give the weights")
+        return [float(w) for w in counts.sum() / (len(names) * counts)]
+    try:
+        weights = [float(part) for part in setting.split(",")]
+    except ValueError:
+        raise FinetuneError(f"class_weights must be 'auto' or numbers w1,w2,..., not '{setting}'") from None
+    if len(weights) != len(names):
+        raise FinetuneError(
+            f"class_weights has {len(weights)} weight(s) but the data has {len(names)} labels ({', '.join(names)})"
+        )
+    if any(w < 0 or not np.isfinite(w) for w in weights) or not any(weights):
+        raise FinetuneError(f"class_weights must be finite, non-negative and not all zero: {setting}")
+    return weights
+
+
+class WeightedLossTrainer(FinetuneTrainer):
+    """The classification Trainer with a class-weighted cross-entropy (``--class_weights``)."""
+
+    # compute_loss returns one micro-batch's weighted mean, as the model's own loss is a micro-batch mean: the
+    # Trainer divides it by the gradient accumulation steps, so accumulation means what it means without weights.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, class_weights: torch.Tensor, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.class_weights = class_weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        weight = self.class_weights.to(logits.device)
+        loss = F.cross_entropy(logits.float().view(-1, weight.numel()), labels.view(-1), weight=weight)
+        return (loss, outputs) if return_outputs else loss
 
 
 def trained_head_labels(checkpoint: PretrainedConfig) -> list[str] | None:

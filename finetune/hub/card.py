@@ -28,7 +28,7 @@ HYPERPARAMETERS = {
     "training": (
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
         "gradient_accumulation_steps", "seed", "optim", "lr_scheduler_type", "warmup_steps", "weight_decay",
-        "bf16", "fp16", "metric_for_best_model",
+        "bf16", "fp16", "metric_for_best_model", "early_stopping_patience", "class_weights",
     ),
     "data": ("max_seq_length", "max_train_samples", "max_eval_samples"),
 }
