@@ -43,7 +43,7 @@ from finetune.generation.encoding import (
     model_kind,
     prompt_around_source,
 )
-from finetune.generation.trainer import GenerationTrainer, seq2seq_arguments
+from finetune.generation.trainer import GenerationTrainer, TokenMeanLoss, seq2seq_arguments
 from finetune.task import Task, mixed_precision
 
 VALIDATION_SPLIT_SEED = 42
@@ -234,10 +234,14 @@ class GenerationTask(Task):
         return super().build_trainer(model, tokenizer, train_dataset, eval_dataset, callbacks)
 
     def trainer(self, **kwargs: Any) -> Trainer:
+        args = seq2seq_arguments(self.config.training)
+        decoder_only = self.kind is ModelKind.DECODER_ONLY
         return GenerationTrainer(
-            args=seq2seq_arguments(self.config.training),
-            decoder_only=self.kind is ModelKind.DECODER_ONLY,
+            args=args,
+            decoder_only=decoder_only,
             padding_free=self.padding_free(),
+            # Decoder-only models normalise by num_items_in_batch themselves (ForCausalLMLoss).
+            compute_loss_func=None if decoder_only else TokenMeanLoss(args.label_smoothing_factor),
             **kwargs,
         )
 

@@ -13,6 +13,8 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.loss.loss_utils import ForMaskedLMLoss
+from transformers.trainer_pt_utils import LabelSmoother
 
 from finetune.batching import FinetuneSampling
 from finetune.generation.encoding import IGNORE_INDEX
@@ -33,6 +35,29 @@ def left_padded_prompts(
         ids[i, width - len(prompt):] = prompt
         mask[i, width - len(prompt):] = 1
     return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMeanLoss:
+    """The Trainer's ``compute_loss_func`` for encoder-decoder kinds: summed token loss / tokens of the whole step.
+
+    T5, BART, Marian, mBART and EncoderDecoderModel return a mean over the micro-batch and ignore the
+    ``num_items_in_batch`` the Trainer hands them, yet their forward takes ``**kwargs``, so transformers 5
+    treats that mean as already normalised over the step: it skips the division by the accumulation steps and
+    multiplies by the process count (``average_tokens_across_devices``). Logged loss, gradients and clipping
+    were then k x N too large. Normalising by ``num_items_in_batch`` (label tokens over all micro-batches and
+    processes, counted by the Trainer) is what decoder-only models already do, and weights every target token
+    the same however the step is cut up. Label smoothing goes through the Trainer's own LabelSmoother.
+    """
+
+    label_smoothing: float = 0.0
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+        if self.label_smoothing:
+            return LabelSmoother(epsilon=self.label_smoothing)(outputs, labels, num_items_in_batch=num_items_in_batch)
+        logits = outputs["logits"]
+        # Labels are targets as they stand (the decoder input is shifted instead): the masked-LM form of the loss.
+        return ForMaskedLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 
 class GenerationTrainer(FinetuneSampling, Seq2SeqTrainer):
