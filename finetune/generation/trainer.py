@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -13,6 +14,8 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.integrations.fsdp import is_fsdp_managed_module
 from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LabelSmoother
 
@@ -92,9 +95,30 @@ class GenerationTrainer(FinetuneSampling, Seq2SeqTrainer):
             loss, _, _ = Trainer.prediction_step(self, model, inputs, True, ignore_keys=ignore_keys)
         pad = self.model.generation_config.pad_token_id
         prompt_ids, prompt_mask = left_padded_prompts(inputs["input_ids"], inputs["attention_mask"], labels, pad)
-        with torch.no_grad():
-            generated = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
+        with torch.no_grad(), self.full_parameters():
+            generated = self.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, synced_gpus=self.parameters_sharded()
+            )
         return loss, generated[:, prompt_ids.shape[1]:], labels
+
+    def parameters_sharded(self) -> bool:
+        """Whether each rank holds only a slice of the weights (FSDP, DeepSpeed ZeRO-3), as Seq2SeqTrainer decides.
+
+        Then every forward gathers weights from all ranks, so a rank whose outputs are finished must go on
+        taking part (``synced_gpus``) until all are, or the others hang in the gather.
+        """
+        zero3 = self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()
+        return bool(self.is_fsdp_enabled or zero3 or is_fsdp_managed_module(self.model))
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        """FSDP1 only: generate calls the inner module, which cannot gather FlatParameter shards by itself."""
+        if not torch.distributed.is_available():
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(self.model, FullyShardedDataParallel):
+            return FullyShardedDataParallel.summon_full_params(self.model)
+        return contextlib.nullcontext()
 
 
 def seq2seq_arguments(args: TrainingArguments) -> Seq2SeqTrainingArguments:
