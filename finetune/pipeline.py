@@ -106,6 +106,9 @@ def train(config: RunConfig) -> dict[str, Any]:
     set_seed(config.training.seed)
 
     raw, tokenized, tokenizer = tokenized_splits(task, config)
+    if "metric_for_best_model" not in config.explicit:
+        # Custom classification data turns out to be regression (float labels) only once its labels are read.
+        config.training.metric_for_best_model = task.best_metric
     if "train" not in tokenized:
         raise FinetuneError(f"no train split in {task.dataset_id()[0] or 'the data files'}: nothing to train on")
     eval_splits = task.eval_splits(raw)

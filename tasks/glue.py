@@ -7,6 +7,8 @@ The nine GLUE tasks and the AX diagnostic are rows of ``GLUE_TASKS``; everything
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,8 @@ from transformers.trainer_utils import PredictionOutput
 from finetune import data, metrics, modeling
 from finetune.errors import FinetuneError
 from finetune.task import FinetuneTrainer, Task
+
+logger = logging.getLogger("finetune")
 
 GLUE_DATASET = "nyu-mll/glue"
 MNLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -123,7 +127,10 @@ class GlueTask(Task):
         self.text_column = cfg.text_column or row.text_column
         self.text_pair_column = cfg.text_pair_column or row.text_pair_column
         self.label_column = cfg.label_column or "label"
-        self.label_names: list[str] | None = None
+        #: class id -> label: the ClassLabel / preset names, or the sorted values of custom data's label column
+        self.label_values: list[Any] | None = None
+        #: whether the label column holds the values themselves (custom data), not class ids (ClassLabel)
+        self.labels_are_values = False
         self.is_regression = row.is_regression
         #: dataset label id -> model label id (they differ when a checkpoint's head orders names differently)
         self.label_to_model_id: dict[int, int] | None = None
@@ -156,27 +163,93 @@ class GlueTask(Task):
         )
         for split in raw:
             data.require_rows(raw[split], split, where)
-        self.label_names, self.is_regression = self.labels_of(raw)
+        raw = self.with_empty_texts(raw)
+        self.label_values, self.is_regression, self.labels_are_values = self.labels_of(raw)
         # Decided now, not at model loading: labels are tokenized as the checkpoint's head ids.
         self.head_kwargs = self.head_settings(modeling.load_config(self.config.model))
         return raw
 
-    def labels_of(self, raw: DatasetDict) -> tuple[list[str] | None, bool]:
-        """Label names from the dataset's ClassLabel feature, else the table, else the values seen."""
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class id -> name, as the model's id2label stores it (custom values as text: 10 -> "10")."""
+        return None if self.label_values is None else [str(v) for v in self.label_values]
+
+    def where(self, split: str) -> str:
+        """How an error names a split: its file, else the split of the dataset."""
+        file = data.local_files(self.config.data).get(split)
+        return f"the {split} file {file}" if file else f"the {split} split of {self.dataset_id()[0]}"
+
+    def with_empty_texts(self, raw: DatasetDict) -> DatasetDict:
+        """Empty text cells (read as null from csv) become empty strings: still examples, counted in the log."""
+        columns = [c for c in (self.text_column, self.text_pair_column) if c]
+        fixed = {}
+        for split, dataset in raw.items():
+            nulls = {c: dataset.data.column(c).null_count for c in columns}
+            if not any(nulls.values()):
+                fixed[split] = dataset
+                continue
+            for column, count in nulls.items():
+                if count:
+                    logger.warning(f"finetune: {self.where(split)} has {count} row(s) with empty text in column "
+                                   f"'{column}'; they are kept as empty texts")
+            empty = [c for c, count in nulls.items() if count]
+            fixed[split] = dataset.map(
+                filled_texts, fn_kwargs={"columns": empty}, batched=True, desc=f"Filling empty texts of {split}"
+            )
+        return DatasetDict(fixed)
+
+    def labels_of(self, raw: DatasetDict) -> tuple[list[Any] | None, bool, bool]:
+        """(class id -> label, is_regression, labels_are_values) of the data, checked split by split.
+
+        Names come from a ClassLabel feature, else the preset; custom labels are the sorted values of the
+        train split (numbers in numeric order), as run_glue.py does; float labels mean regression.
+        """
         if self.row.is_regression:
-            return None, True
+            return None, True, False
         for split in raw.values():
             feature = split.features.get(self.label_column)
             if isinstance(feature, ClassLabel):
-                return list(feature.names), False
+                return list(feature.names), False, False
         if self.row.label_names:
-            return list(self.row.label_names), False
-        labelled = [raw[s] for s in raw if s not in self.predict_splits(raw)] or list(raw.values())
-        feature = labelled[0].features.get(self.label_column)
+            return list(self.row.label_names), False, False
+        predicting = self.predict_splits(raw)
+        labelled = [s for s in raw if s not in predicting] or list(raw)
+        for split in labelled:
+            self.require_labels(raw[split], split)
+        source = "train" if "train" in labelled else labelled[0]
+        feature = raw[source].features.get(self.label_column)
         if isinstance(feature, Value) and feature.dtype.startswith("float"):
-            return None, True
-        values = sorted({str(v) for split in labelled for v in split[self.label_column]} - {"-1"})
-        return values, False
+            return None, True, False
+        values = sorted(set(raw[source][self.label_column]))
+        for split in raw:
+            if split != source and self.label_column in raw[split].column_names:
+                self.require_known_labels(raw[split], split, values, source, unlabelled_ok=split in predicting)
+        return values, False, True
+
+    def require_labels(self, dataset: Dataset, split: str) -> None:
+        """Every row of a split that trains or scores needs a label: a missing one is an error, not a guess."""
+        missing = [i for i, v in enumerate(dataset[self.label_column]) if v is None or (isinstance(v, float) and
+                                                                                       math.isnan(v))]
+        if missing:
+            raise FinetuneError(
+                f"{self.where(split)}: {len(missing)} row(s) without a value in label column '{self.label_column}' "
+                f"(first: data row {missing[0] + 1}); fill them in or remove those rows"
+            )
+
+    def require_known_labels(
+        self, dataset: Dataset, split: str, values: list[Any], source: str, unlabelled_ok: bool
+    ) -> None:
+        """A label that the training labels lack has no class id: name it rather than train or score wrongly."""
+        known = set(values)
+        # In prediction splits a missing label, or GLUE's -1 placeholder, means "unlabelled".
+        unlabelled = {None, -1} - known if unlabelled_ok else set()
+        unseen = set(dataset[self.label_column]) - known - unlabelled
+        if unseen:
+            first = sorted(unseen, key=str)[0]
+            raise FinetuneError(
+                f"label {first!r} in {self.where(split)} (column '{self.label_column}') is not among the "
+                f"{source} labels {values}"
+            )
 
     def eval_splits(self, raw: DatasetDict) -> list[str]:
         if self.preset is None:
@@ -257,7 +330,9 @@ class GlueTask(Task):
             "columns": (self.text_column, self.text_pair_column, self.label_column),
             "max_length": cfg.max_seq_length,
             "padding": "max_length" if cfg.pad_to_max_length else False,
-            "labels": LabelEncoding(self.is_regression, tuple(self.label_names or ()), self.label_to_model_id),
+            "labels": LabelEncoding(
+                self.is_regression, tuple(self.label_values or ()), self.labels_are_values, self.label_to_model_id
+            ),
         }
         limits = {"train": cfg.max_train_samples}
         tokenized = {}
@@ -302,26 +377,37 @@ class GlueTask(Task):
             record = {"index": row.get("idx", i), self.text_column: row[self.text_column]}
             if self.text_pair_column:
                 record[self.text_pair_column] = row[self.text_pair_column]
-            if self.label_column in row and row[self.label_column] != -1:
-                record["label"] = self.label_name(row[self.label_column])
+            label = row.get(self.label_column)
+            if self.is_label(label):
+                record["label"] = self.label_name(label)
             record["prediction"] = float(preds[i]) if self.is_regression else model_to_name[int(preds[i])]
             records.append(record)
         return records
 
-    def label_name(self, value: Any) -> Any:
-        if self.is_regression or not isinstance(value, (int, np.integer)):
-            return value
-        return self.label_names[int(value)]
+    def is_label(self, value: Any) -> bool:
+        """Whether a raw label cell holds a label (None, and -1 when it is no class, mean "unlabelled")."""
+        if value is None or self.is_regression:
+            return value is not None
+        return value in self.label_values if self.labels_are_values else value != -1
 
-    def model_label_names(self) -> list[str]:
-        """Model output id -> label name."""
+    def label_name(self, value: Any) -> Any:
+        """A row's label as the user knows it: the ClassLabel name, or the custom value itself."""
+        if self.is_regression:
+            return value
+        if self.labels_are_values:
+            # the class's own value: a test column with empty cells is read as floats (3.0 is class 3)
+            return self.label_values[self.label_values.index(value)]
+        return self.label_values[int(value)]
+
+    def model_label_names(self) -> list[Any]:
+        """Model output id -> label (the custom value itself, e.g. the int 5 for stars 1..5)."""
         if self.is_regression:
             return []
         if self.label_to_model_id is None:
-            return list(self.label_names)
-        names = [""] * len(self.label_names)
+            return list(self.label_values)
+        names: list[Any] = [None] * len(self.label_values)
         for data_id, model_id in self.label_to_model_id.items():
-            names[model_id] = self.label_names[data_id]
+            names[model_id] = self.label_values[data_id]
         return names
 
 
@@ -382,20 +468,27 @@ def trained_head_labels(checkpoint: PretrainedConfig) -> list[str] | None:
     return names
 
 
+def filled_texts(batch: dict[str, list], columns: list[str]) -> dict[str, list]:
+    return {c: ["" if text is None else text for text in batch[c]] for c in columns}
+
+
 @dataclass(frozen=True)
 class LabelEncoding:
     """How dataset labels become the model's label ids (floats for regression)."""
 
     is_regression: bool
-    names: tuple[str, ...]
+    #: class id -> label (ClassLabel name or custom value)
+    classes: tuple[Any, ...]
+    #: the column holds the label values (looked up in ``classes``), not class ids
+    by_value: bool
     to_model_id: dict[int, int] | None
 
     def __call__(self, values: list) -> list:
         if self.is_regression:
             return [float(v) for v in values]
-        if values and not isinstance(values[0], (int, np.integer)):
-            index = {name: i for i, name in enumerate(self.names)}
-            values = [index[str(v)] for v in values]
+        if self.by_value:
+            index = {value: i for i, value in enumerate(self.classes)}
+            values = [index[v] for v in values]
         mapping = self.to_model_id or {}
         return [mapping.get(int(v), int(v)) for v in values]
 
