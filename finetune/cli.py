@@ -1,4 +1,4 @@
-"""Command line: ``finetune {recipes,train,evaluate,predict,push,glue}``.
+"""Command line: ``finetune {recipes,train,evaluate,predict,push,glue,tune}``.
 
 Each command parses its settings into the typed config, then hands over to one pipeline function.
 User errors (FinetuneError, also a NaN/inf training loss) print one line and exit with code 2; a run
@@ -28,6 +28,7 @@ commands:
   predict MODEL [--split S]     write predictions (with label names) for a split
   push RUN_DIR [--dry_run]      upload a finished run to the Hub with a model card
   glue --model_name_or_path X   fine-tune and evaluate on the GLUE tasks, write tables and a submission
+  tune [RECIPE] [--n_trials N]  hyperparameter search (optuna), resumable; writes the best settings as a recipe
 
 Every setting of `finetune train --help` can be given in a recipe or as --flag value.
 """
@@ -203,6 +204,22 @@ def cmd_push(argv: list[str]) -> int:
     return push.main(argv, folder_kinds=[GLUE_FOLDER])
 
 
+def cmd_tune(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        return show_help("finetune tune", "[RECIPE] [--n_trials N] [--tune_seeds K] [--flag value ...]")
+    recipe, rest = split_positional(argv)
+    config = parsed_config(recipe, rest)
+    from finetune import tune
+
+    result = tune.tune(config)
+    print(f"{result.finished} trials finished; best validation score {result.best_value:.4f} with "
+          + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.best_params.items()))
+    for path in result.files:
+        print(f"wrote {path}")
+    print(f"next: finetune train {result.output_dir / tune.BEST_RECIPE}")
+    return 0
+
+
 def cmd_glue(argv: list[str]) -> int:
     from finetune.glue import runner
 
@@ -228,4 +245,5 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "predict": cmd_predict,
     "push": cmd_push,
     "glue": cmd_glue,
+    "tune": cmd_tune,
 }

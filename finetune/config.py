@@ -1,9 +1,9 @@
 """Typed run configuration: recipes (YAML), command-line overrides, and the resolved config file.
 
-Five dataclasses describe a run. Their field docs (``metadata["help"]``) are the ``--help`` text, and
+Six dataclasses describe a run. Their field docs (``metadata["help"]``) are the ``--help`` text, and
 flag names follow ``run_glue.py`` and ``TrainingArguments`` so that users' habits carry over. A recipe
 is a YAML file with one section per dataclass (``model``, ``data``, ``training``, ``hub``,
-``generation``); values from the command line override it.
+``generation``, ``tune``); values from the command line override it.
 """
 
 from __future__ import annotations
@@ -187,6 +187,47 @@ class GenerationSettings:
     )
 
 
+@dataclass
+class TuneConfig:
+    """The search space and budget of `finetune tune` (optuna through Trainer.hyperparameter_search)."""
+
+    n_trials: int = field(default=10, metadata={"help": "Trials in the search (a resumed search runs only the rest)."})
+    tune_seeds: int = field(
+        default=1,
+        metadata={
+            "help": "Train each trial this many times, with seeds seed, seed+1, ...; the trial scores the mean of "
+            "their best evaluations (small GLUE tasks move a point or more between seeds)."
+        },
+    )
+    learning_rate_range: list[float] = field(
+        default_factory=lambda: [1.0e-5, 2.0e-4],
+        metadata={"help": "Learning rate: low high, sampled log-uniformly (one value: fixed)."},
+    )
+    batch_sizes: list[int] = field(
+        default_factory=lambda: [16, 32], metadata={"help": "per_device_train_batch_size choices (categorical)."}
+    )
+    epoch_choices: list[int] = field(
+        default_factory=lambda: [3, 5], metadata={"help": "num_train_epochs choices (categorical)."}
+    )
+    warmup_range: list[float] = field(
+        default_factory=lambda: [0.0, 0.2],
+        metadata={"help": "warmup_steps as a fraction of training (< 1): low high, uniform (one value: fixed)."},
+    )
+    weight_decay_range: list[float] = field(
+        default_factory=lambda: [0.0, 0.1], metadata={"help": "weight_decay: low high, uniform (one value: fixed)."}
+    )
+    pruner: str = field(
+        default="median",
+        metadata={
+            "help": "Stop hopeless trials early: median (optuna MedianPruner on the per-evaluation metric, after "
+            "2 finished trials) or none."
+        },
+    )
+    study_name: str | None = field(
+        default=None, metadata={"help": "Name of the optuna study in output_dir/tune.db; default: the recipe's name."}
+    )
+
+
 def _training_default(name: str, value: Any, help: str | None = None) -> Any:
     """A TrainingArguments field with our default and, optionally, our help text."""
     parent = TrainingArguments.__dataclass_fields__[name]
@@ -257,6 +298,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "training": TrainConfig,
     "hub": HubConfig,
     "generation": GenerationSettings,
+    "tune": TuneConfig,
 }
 RESOLVED_CONFIG_NAME = "finetune_config.yaml"
 
@@ -272,6 +314,7 @@ class RunConfig:
     recipe: str | None = None
     explicit: frozenset[str] = frozenset()  # fields the recipe or the command line set
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Sections as plain YAML-able values; token fields are redacted by TrainingArguments."""
@@ -283,6 +326,7 @@ class RunConfig:
             "training": training,
             "hub": dataclasses.asdict(self.hub),
             "generation": dataclasses.asdict(self.generation),
+            "tune": dataclasses.asdict(self.tune),
         }
 
     def save(self, directory: str | Path) -> Path:

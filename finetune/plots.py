@@ -66,3 +66,38 @@ def score_bars(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def tune_trials(rows: Sequence[Mapping[str, Any]], metric: str, maximize: bool, path: str | Path) -> Path | None:
+    """A search's trials: score by trial number with the best so far, and score against learning rate.
+
+    ``rows`` are the search's table rows (``trial``, ``score``, ``std``, ``learning_rate``, ``state``); only
+    completed trials have a score. None if no trial has one.
+    """
+    scored = [r for r in rows if r["score"] is not None and r["state"] == "complete"]
+    if not scored:
+        return None
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    numbers = [r["trial"] for r in scored]
+    scores = [r["score"] for r in scored]
+    errors = [r["std"] or 0.0 for r in scored]
+    left.errorbar(numbers, scores, yerr=errors, fmt="o", capsize=3, label="trial (mean +- std over seeds)")
+    best, best_so_far = None, []
+    for score in scores:
+        best = score if best is None or (score > best if maximize else score < best) else best
+        best_so_far.append(best)
+    left.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
+    stopped = [r["trial"] for r in rows if r["state"] != "complete"]
+    if stopped:
+        left.plot(stopped, [min(scores)] * len(stopped), "x", color="gray", label="pruned / failed / interrupted")
+    left.set(title=f"Search: validation {metric}", xlabel="trial", ylabel=metric)
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    right.errorbar([r["learning_rate"] for r in scored], scores, yerr=errors, fmt="o", capsize=3)
+    right.set_xscale("log")
+    right.set(title=f"{metric} against learning rate", xlabel="learning rate", ylabel=metric)
+    right.grid(alpha=0.3)
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

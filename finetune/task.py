@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from datasets import Dataset, DatasetDict
@@ -105,16 +105,20 @@ class Task(ABC):
 
     def build_trainer(
         self,
-        model: PreTrainedModel,
+        model: PreTrainedModel | None,
         tokenizer: PreTrainedTokenizerBase,
         train_dataset: Dataset | None,
         eval_dataset: Dataset | dict[str, Dataset] | None,
         callbacks: list[TrainerCallback],
+        model_init: Callable[..., PreTrainedModel] | None = None,
     ) -> Trainer:
+        """The family's Trainer around a model, or around ``model_init`` (a hyperparameter search builds a fresh
+        model for every trial, so it passes no model)."""
         if self.config.training.class_weights is not None and not self.supports_class_weights:
             raise FinetuneError(f"class_weights is for classification, not {self.family}")
         return self.trainer(
             model=model,
+            model_init=model_init,
             data_collator=self.data_collator(tokenizer, model),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
