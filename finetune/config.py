@@ -48,6 +48,14 @@ class ModelConfig:
         metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2. Default: the model's best available."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Classification: when the checkpoint already has a classification head for other labels (e.g. "
+            "2 outputs, but the data has 5 classes or is a regression), start a new head instead of stopping with "
+            "an error (run_glue.py's flag). A head of the right size is relabelled and its weights kept."
+        },
+    )
 
 
 @dataclass

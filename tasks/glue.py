@@ -303,25 +303,50 @@ class GlueTask(Task):
         return torch.tensor(in_model_order, dtype=torch.float32)
 
     def head_settings(self, checkpoint: PretrainedConfig) -> dict[str, Any]:
-        """from_pretrained kwargs for the classification head, reusing a trained head when its labels match."""
-        if self.is_regression:
-            return {"num_labels": 1, "problem_type": "regression"}
+        """from_pretrained kwargs for the classification head, reusing a trained head when its labels match.
+
+        A head for other labels is an error unless ``--ignore_mismatched_sizes``: then a head of another
+        size is replaced by a new one, and one of the same size is relabelled (run_glue.py's behaviour).
+        """
+        self.label_to_model_id = None
         names = self.label_names
-        existing = trained_head_labels(checkpoint)
-        if existing is None:
-            self.label_to_model_id = None
-            return {
+        wanted: dict[str, Any] = (
+            {"num_labels": 1, "problem_type": "regression"}
+            if self.is_regression
+            else {
                 "num_labels": len(names),
                 "id2label": dict(enumerate(names)),
                 "label2id": {name: i for i, name in enumerate(names)},
             }
-        if sorted(existing) != sorted(names):
+        )
+        existing = head_labels(checkpoint)
+        if existing is None:
+            return wanted
+        named = not all(name == f"LABEL_{i}" for i, name in enumerate(existing))
+        if not self.is_regression and named and sorted(existing) == sorted(names):
+            self.label_to_model_id = {i: existing.index(name) for i, name in enumerate(names)}
+            return {}
+        if len(existing) == wanted["num_labels"] and not named:
+            return wanted  # a generic head of the right size: its outputs are simply named after the data's labels
+        data = "a regression (1 output)" if self.is_regression else f"{len(names)} labels {names}"
+        checkpoint_name = self.config.model.model_name_or_path
+        if not self.config.model.ignore_mismatched_sizes:
             raise FinetuneError(
-                f"checkpoint '{self.config.model.model_name_or_path}' has a classification head for labels "
-                f"{existing}, but the data has {names}; start from a checkpoint without that head"
+                f"checkpoint '{checkpoint_name}' has a classification head for labels {existing}, but the data has "
+                f"{data}; pass --ignore_mismatched_sizes true to start a new head, or start from a checkpoint "
+                "without that head"
             )
-        self.label_to_model_id = {i: existing.index(name) for i, name in enumerate(names)}
-        return {}
+        if len(existing) == wanted["num_labels"]:
+            logger.warning(
+                f"finetune: --ignore_mismatched_sizes: the classification head of '{checkpoint_name}' (labels "
+                f"{existing}) is relabelled for {data}; its weights are the starting point"
+            )
+            return wanted
+        logger.warning(
+            f"finetune: --ignore_mismatched_sizes: the classification head of '{checkpoint_name}' (labels "
+            f"{existing}) is replaced by a new one for {data}"
+        )
+        return {**wanted, "ignore_mismatched_sizes": True}
 
     def tokenize(self, raw: DatasetDict, tokenizer) -> DatasetDict:
         cfg = self.config.data
@@ -457,15 +482,12 @@ class WeightedLossTrainer(FinetuneTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def trained_head_labels(checkpoint: PretrainedConfig) -> list[str] | None:
-    """Label names of a checkpoint that already carries a trained classification head, else None."""
+def head_labels(checkpoint: PretrainedConfig) -> list[str] | None:
+    """Label names of a checkpoint's classification head (LABEL_i when unnamed), or None if it has none."""
     architectures = checkpoint.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         return None
-    names = [checkpoint.id2label[i] for i in sorted(checkpoint.id2label)]
-    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
-        return None
-    return names
+    return [str(checkpoint.id2label[i]) for i in sorted(checkpoint.id2label)]
 
 
 def filled_texts(batch: dict[str, list], columns: list[str]) -> dict[str, list]:

@@ -149,3 +149,96 @@ def test_rows_without_label_are_an_error_and_empty_texts_are_kept(tiny_model_dir
     assert main(["predict", str(out)]) == 0
     labels = [r.get("label") for r in read_jsonl(out / "predictions_test.jsonl")]
     assert labels == [None, None, 3, 1] and type(labels[2]) is int  # the class value, though the cell read 3.0
+
+
+# -- checkpoints that already have a classification head ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_label_checkpoint(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT with a 2-output classification head named generically (LABEL_0, LABEL_1)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = tiny_model_dir("bert")
+    path = tmp_path_factory.mktemp("two-label-head")
+    AutoModelForSequenceClassification.from_pretrained(source, num_labels=2).save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    assert AutoConfig.from_pretrained(path).id2label == {0: "LABEL_0", 1: "LABEL_1"}  # the default: not in the file
+    return path
+
+
+def head_shape(run: Path) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), "pt") as weights:
+        return tuple(weights.get_slice("classifier.weight").get_shape())
+
+
+@pytest.mark.parametrize("data", ["five-classes", "stsb"])
+def test_head_of_another_size_is_replaced_only_when_asked(
+    data: str, two_label_checkpoint: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    if data == "stsb":  # 2 outputs, but STS-B is a regression: 1 output
+        args = ["train", "glue-stsb", "--model_name_or_path", str(two_label_checkpoint),
+                "--max_train_samples", "16", "--max_eval_samples", "8", "--num_train_epochs", "1",
+                "--per_device_train_batch_size", "8", "--max_seq_length", "32"]
+        wanted = "regression"
+    else:
+        train = write_csv(tmp_path / "train.csv", review_rows([1, 2, 3, 4, 5], 20))
+        dev = write_csv(tmp_path / "dev.csv", review_rows([1, 2, 3, 4, 5], 5))
+        args = run_args(two_label_checkpoint, train, dev, tmp_path / "unused")
+        args = [a for a in args if a not in ("--output_dir", str(tmp_path / "unused"))]
+        wanted = "['1', '2', '3', '4', '5']"
+    code = main([*args, "--output_dir", str(tmp_path / "refused")])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2
+    for fragment in ("['LABEL_0', 'LABEL_1']", wanted, "--ignore_mismatched_sizes"):
+        assert fragment in line, line
+
+    out = tmp_path / "replaced"
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert main([*args, "--output_dir", str(out), "--ignore_mismatched_sizes", "true"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "finetune" and "head" in r.getMessage()]
+    assert len(said) == 1 and "ignore_mismatched_sizes" in said[0] and "LABEL_0" in said[0], said
+    assert "\n" not in said[0]
+    config = read_json(out / "config.json")
+    if data == "stsb":
+        assert config["problem_type"] == "regression" and head_shape(out) == (1, 32)
+    else:
+        assert config["id2label"] == {str(i): str(i + 1) for i in range(5)} and head_shape(out) == (5, 32)
+
+
+def test_head_of_the_same_size_keeps_loading(two_label_checkpoint: Path, tmp_path: Path, caplog) -> None:
+    train = write_csv(tmp_path / "train.csv", review_rows(["no", "yes"], 16))
+    dev = write_csv(tmp_path / "dev.csv", review_rows(["no", "yes"], 4))
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert main(run_args(two_label_checkpoint, train, dev, out)) == 0
+    assert not [r for r in caplog.records if r.name == "finetune" and "head" in r.getMessage()]
+    assert read_json(out / "config.json")["id2label"] == {"0": "no", "1": "yes"} and head_shape(out) == (2, 32)
+
+
+def test_named_head_for_other_labels_is_relabelled_only_when_asked(
+    two_label_checkpoint: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    import json
+    import shutil
+
+    named = tmp_path / "sentiment"
+    shutil.copytree(two_label_checkpoint, named)
+    config = read_json(named / "config.json")
+    config.update(id2label={"0": "negative", "1": "positive"}, label2id={"negative": 0, "positive": 1})
+    (named / "config.json").write_text(json.dumps(config))
+    train = write_csv(tmp_path / "train.csv", review_rows(["no", "yes"], 16))
+    dev = write_csv(tmp_path / "dev.csv", review_rows(["no", "yes"], 4))
+
+    assert main(run_args(named, train, dev, tmp_path / "refused")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "['negative', 'positive']" in line and "['no', 'yes']" in line and "--ignore_mismatched_sizes" in line
+
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert main(run_args(named, train, dev, out, "--ignore_mismatched_sizes", "true")) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "finetune" and "head" in r.getMessage()]
+    assert len(said) == 1 and "relabelled" in said[0], said
+    assert read_json(out / "config.json")["id2label"] == {"0": "no", "1": "yes"} and head_shape(out) == (2, 32)
