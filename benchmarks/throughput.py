@@ -202,7 +202,7 @@ def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
     from transformers import set_seed
 
     from finetune.config import parse_run_config
-    from finetune.pipeline import build_task, settle_training_defaults, tokenized_splits
+    from finetune.pipeline import build_task, tokenized_splits
 
     settings, _env, _ = ARMS[arm]
     out = tempfile.mkdtemp(prefix=f"bench-{arm}-")
@@ -222,10 +222,9 @@ def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
     if opts.bf16 and arm != "baseline":
         common["bf16"] = True
     config = parse_run_config(RECIPE, overrides={**common, **settings})
-    # Set here: the command-line parser reads this str-or-bool field as a bool.
-    config.training.include_num_input_tokens_seen = "non_padding"
+    # Set here, not as an override: the command-line parser reads this str-or-bool field as a bool.
+    config.replace_training(include_num_input_tokens_seen="non_padding")
     task = build_task(config)
-    settle_training_defaults(config, task)
     set_seed(config.training.seed)
     raw, tokenized, tokenizer = tokenized_splits(task, config)
     model = task.load_model(tokenizer)

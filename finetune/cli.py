@@ -126,8 +126,8 @@ def cmd_train(argv: list[str]) -> int:
     from finetune import pipeline
     from finetune.hub import push
 
-    with push.trainer_push_handled(config):  # the model goes up after training, with its card
-        metrics = pipeline.train(config)
+    push.prepare_push(config)  # a missing token fails now, not after hours of training
+    metrics = pipeline.train(config)
     if config.training.process_index == 0:
         print_metrics_table(metrics["eval"])
         print(f"run saved to {config.training.output_dir}")
@@ -160,7 +160,7 @@ def inference_config(argv: list[str], prog: str):
     if model is None:
         raise FinetuneError(f"{prog} needs MODEL: a run directory or a Hub id")
     splits, rest = split_option(rest)
-    from finetune.config import DataConfig, load_saved_config
+    from finetune.config import INFERENCE_SETTINGS, DataConfig, load_saved_config
 
     saved = load_saved_config(model) if Path(model).is_dir() else {}
     # The run's own data settings (task, columns, lengths) make `evaluate RUN_DIR` need no other flags.
@@ -172,6 +172,10 @@ def inference_config(argv: list[str], prog: str):
     # Generation tasks decode as the run did (max_new_tokens, num_beams, ...) unless told otherwise.
     overrides.update({k: v for k, v in saved.get("generation", {}).items() if v is not None})
     overrides["model_name_or_path"] = model
+    # Results go beside a run's model (or into runs/eval-<name> for a Hub id), unless --output_dir says otherwise.
+    source = Path(model)
+    overrides["output_dir"] = str(source if source.is_dir() else Path("runs") / f"eval-{source.name}")
+    overrides.update(INFERENCE_SETTINGS)
     return parsed_config(None, rest, overrides), splits
 
 

@@ -22,6 +22,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy
 
 from finetune.errors import FinetuneError
+from finetune.tasks import task_class
 
 
 @dataclass
@@ -309,6 +310,10 @@ CONFIG_SECTIONS: dict[str, type] = {
     "tune": TuneConfig,
 }
 RESOLVED_CONFIG_NAME = "finetune_config.yaml"
+#: hub_strategy values with which the Trainer pushes during training (``end``: finetune pushes once, after it)
+TRAINER_PUSH_STRATEGIES = ("every_save", "checkpoint", "all_checkpoints")
+#: what a Trainer that never trains (evaluate, predict) needs: no evaluation schedule, no best model to reload
+INFERENCE_SETTINGS: dict[str, Any] = {"eval_strategy": "no", "load_best_model_at_end": False}
 
 
 @dataclass
@@ -341,6 +346,26 @@ class RunConfig:
         path = Path(directory) / RESOLVED_CONFIG_NAME
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
+
+    def replace_training(self, **changes: Any) -> None:
+        """Swap in new training arguments that differ by ``changes``; the parsed object is never edited.
+
+        ``dataclasses.replace`` builds the arguments again, so ``TrainingArguments.__post_init__`` derives
+        from the final values (mixed precision from bf16, greater_is_better from the metric) instead of
+        leaving an edited field out of step with what it derived. Only for what the data alone decides.
+        """
+        self.training = dataclasses.replace(self.training, **changes)
+
+    def trainer_pushes(self) -> bool:
+        """Whether the Trainer pushes during training; otherwise finetune pushes once, after it, with the card."""
+        strategy = getattr(self.training.hub_strategy, "value", self.training.hub_strategy)
+        return self.training.push_to_hub and not self.hub.dry_run and strategy in TRAINER_PUSH_STRATEGIES
+
+    def trainer_arguments(self) -> TrainConfig:
+        """The Trainer's own copy of the arguments: what the Trainer and its callbacks change while they run
+        (a hyperparameter search per trial, a SIGTERM stop) stays out of the run's settings. The Trainer must
+        not push a model without its card (it would, from ``save_model``) when finetune pushes after training."""
+        return dataclasses.replace(self.training, push_to_hub=self.trainer_pushes())
 
 
 class _Parser(HfArgumentParser):
@@ -428,40 +453,64 @@ def _as_default(value: Any) -> Any:
 def parse_run_config(
     recipe: str | None = None, argv: list[str] | None = None, overrides: dict[str, Any] | None = None
 ) -> RunConfig:
-    """A RunConfig from a recipe (name or path), command-line style ``argv`` and/or a dict of overrides."""
+    """A RunConfig from a recipe (name or path), command-line style ``argv`` and/or a dict of overrides.
+
+    The settings are final when this returns: what follows from other settings (:func:`derived_settings`)
+    is decided here and handed to the dataclasses' constructors, so TrainingArguments are built once, with
+    the values they are used with.
+    """
     parser = argument_parser()
-    defaults = read_recipe(recipe_path(recipe)) if recipe else {}
+    given = read_recipe(recipe_path(recipe)) if recipe else {}
     if overrides:
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise FinetuneError(f"unknown setting(s): {', '.join(unknown)}")
-        defaults.update(overrides)
-    parser.set_defaults(**{k: _as_default(v) for k, v in defaults.items()})
+        given.update(overrides)
+    parser.set_defaults(**{k: _as_default(v) for k, v in given.items()})
+    namespace, unused = parser.parse_known_args(args=list(argv or []))
+    if unused:
+        raise FinetuneError(f"invalid setting: some arguments are not settings: {' '.join(unused)}")
+    explicit = set(given) | {arg[2:].split("=")[0] for arg in argv or [] if arg.startswith("--")}
+    values = {**vars(namespace), **derived_settings(vars(namespace), explicit, recipe)}
     try:
-        sections = dict(zip(CONFIG_SECTIONS, parser.parse_args_into_dataclasses(args=list(argv or [])), strict=True))
+        sections = {
+            name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
+            for name, cls in CONFIG_SECTIONS.items()
+        }
     except (ValueError, TypeError) as error:
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
-    if "dataloader_pin_memory" not in defaults and not torch.cuda.is_available():
-        sections["training"].dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-    explicit = set(defaults) | {arg[2:].split("=")[0] for arg in argv or [] if arg.startswith("--")}
-    apply_gpu_speed_defaults(sections["training"], explicit)
     return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))
 
 
-def apply_gpu_speed_defaults(training: TrainConfig, explicit: set[str]) -> None:
-    """On a GPU, unless set: bf16 autocast where the GPU has bf16, and two dataloader workers.
+def derived_settings(values: dict[str, Any], explicit: set[str], recipe: str | None) -> dict[str, Any]:
+    """What follows from the other settings, for the fields that the recipe and the command line leave unset.
 
-    Neither helps on a CPU without bf16 units (bf16 is emulated there, and workers take cores from the
-    model); an accelerate config that sets mixed precision decides instead.
+    * ``output_dir``: ``runs/<recipe>`` (else ``runs/<task_name or family>``);
+    * ``metric_for_best_model``: the task's own metric (F1 for MRPC, ROUGE-L for summarization, ...), from
+      the family's preset table, so no model or data is loaded; TrainingArguments then sets
+      ``greater_is_better`` from it;
+    * on a GPU: bf16 autocast where the GPU has bf16, and two dataloader workers. Neither helps on a CPU
+      without bf16 units (bf16 is emulated there, and workers take cores from the model); an accelerate
+      config that sets mixed precision decides instead;
+    * without a GPU, no pinned memory (pinning needs an accelerator; on a CPU it only warns).
     """
+    derived: dict[str, Any] = {}
+    if "output_dir" not in explicit:  # TrainingArguments would fill in its own generic name
+        name = Path(str(recipe)).stem if recipe else (values["task_name"] or values["task"])
+        derived["output_dir"] = str(Path("runs") / name)
+    if "metric_for_best_model" not in explicit:
+        derived["metric_for_best_model"] = task_class(values["task"]).best_metric_of(values["task_name"])
     if not torch.cuda.is_available():
-        return
+        if "dataloader_pin_memory" not in explicit:
+            derived["dataloader_pin_memory"] = False
+        return derived
     precision_set = {"bf16", "fp16"} & explicit or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no"
     if not precision_set and torch.cuda.is_bf16_supported():
-        training.bf16 = True
+        derived["bf16"] = True
     if "dataloader_num_workers" not in explicit:
-        training.dataloader_num_workers = 2
+        derived["dataloader_num_workers"] = 2
+    return derived
 
 
 def load_saved_config(run_dir: str | Path) -> dict[str, Any]:

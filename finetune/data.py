@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from datasets import Dataset, DatasetDict
 
 from finetune import mirror
-from finetune.config import DataConfig
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # config imports the task registry, whose families use this module
+    from finetune.config import DataConfig
 
 # Local file suffix -> `datasets` builder; tsv is csv with a tab delimiter.
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

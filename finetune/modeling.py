@@ -6,14 +6,16 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import mirror
-from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # config imports the task registry, whose families use this module
+    from finetune.config import ModelConfig
 
 CACHE_ENV = "FINETUNE_CACHE"
 

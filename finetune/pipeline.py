@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import IntervalStrategy
 
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
-from finetune.config import RunConfig
+from finetune.config import INFERENCE_SETTINGS, RunConfig
 from finetune.errors import FinetuneError, Preempted
 from finetune.task import Task
 from finetune.tasks import task_class
@@ -26,11 +26,6 @@ METRICS_FILE = "metrics.json"
 
 def build_task(config: RunConfig) -> Task:
     return task_class(config.data.task)(config)
-
-
-def default_output_dir(config: RunConfig) -> str:
-    name = Path(str(config.recipe)).stem if config.recipe else (config.data.task_name or config.data.task)
-    return str(Path("runs") / name)
 
 
 def resume_checkpoint(config: RunConfig) -> str | None:
@@ -62,15 +57,20 @@ def check_output_dir(config: RunConfig) -> None:
         )
 
 
-def settle_training_defaults(config: RunConfig, task: Task) -> None:
-    """Fill in what depends on the task: the output folder and the metric that picks the best checkpoint."""
-    args = config.training
-    if "output_dir" not in config.explicit:  # TrainingArguments fills in its own generic name otherwise
-        args.output_dir = default_output_dir(config)
-    if "metric_for_best_model" not in config.explicit:
-        args.metric_for_best_model = task.best_metric
+def settings_from_data(config: RunConfig, task: Task, eval_splits: list[str]) -> dict[str, Any]:
+    """Training settings that only the loaded data decides; everything else is final at parse time.
+
+    Without an evaluation split there is nothing to evaluate or to pick the best checkpoint by; custom
+    classification data whose label column holds scores is a regression, scored by its own metric.
+    """
+    changes: dict[str, Any] = {}
+    if not eval_splits:
+        changes.update(eval_strategy="no", load_best_model_at_end=False)
+    if "metric_for_best_model" not in config.explicit and task.best_metric != config.training.metric_for_best_model:
+        changes["metric_for_best_model"] = task.best_metric
         if "greater_is_better" not in config.explicit:
-            args.greater_is_better = True
+            changes["greater_is_better"] = None  # TrainingArguments derives it from the metric
+    return changes
 
 
 def tokenized_splits(task: Task, config: RunConfig) -> tuple[DatasetDict, DatasetDict, Any]:
@@ -97,24 +97,32 @@ def run_callbacks(config: RunConfig) -> list[TrainerCallback]:
     return default_callbacks(config)
 
 
-def train(config: RunConfig) -> dict[str, Any]:
-    """Fine-tune, evaluate every eval split with the best model, save everything; returns metrics."""
+@dataclass
+class PreparedRun:
+    """A run ready for its first step: the task, its data, and the Trainer around the model."""
+
+    task: Task
+    trainer: Trainer
+    raw: DatasetDict
+    tokenized: DatasetDict
+    eval_splits: list[str]
+    resume: str | None
+
+
+def prepare_training(config: RunConfig) -> PreparedRun:
+    """Task, data, model and Trainer; the run folder gets the config with its final settings, once."""
     task = build_task(config)
-    settle_training_defaults(config, task)
     check_output_dir(config)
     resume = resume_checkpoint(config)
     set_seed(config.training.seed)
 
     raw, tokenized, tokenizer = tokenized_splits(task, config)
-    if "metric_for_best_model" not in config.explicit:
-        # Custom classification data turns out to be regression (float labels) only once its labels are read.
-        config.training.metric_for_best_model = task.best_metric
     if "train" not in tokenized:
         raise FinetuneError(f"no train split in {task.dataset_id()[0] or 'the data files'}: nothing to train on")
     eval_splits = task.eval_splits(raw)
-    if not eval_splits:
-        config.training.eval_strategy = "no"
-        config.training.load_best_model_at_end = False
+    changes = settings_from_data(config, task, eval_splits)
+    if changes:
+        config.replace_training(**changes)
     model = task.load_model(tokenizer)
     trainer = task.build_trainer(
         model, tokenizer, tokenized["train"], eval_dataset_arg(tokenized, eval_splits), run_callbacks(config)
@@ -122,9 +130,15 @@ def train(config: RunConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         Path(config.training.output_dir).mkdir(parents=True, exist_ok=True)
         config.save(config.training.output_dir)
+    return PreparedRun(task, trainer, raw, tokenized, eval_splits, resume)
 
+
+def train(config: RunConfig) -> dict[str, Any]:
+    """Fine-tune, evaluate every eval split with the best model, save everything; returns metrics."""
+    run = prepare_training(config)
+    trainer = run.trainer
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=run.resume)
     finally:
         release_signal_handlers(trainer)
     stopped = preemption(trainer)
@@ -136,7 +150,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     trainer.save_model()
     trainer.save_state()
     metrics: dict[str, Any] = {"train": clean(result.metrics), "eval": {}}
-    metrics["eval"] = evaluate_splits(task, trainer, raw, tokenized, eval_splits)
+    metrics["eval"] = evaluate_splits(run.task, trainer, run.raw, run.tokenized, run.eval_splits)
     if trainer.is_world_process_zero():
         write_json(Path(config.training.output_dir) / METRICS_FILE, metrics)
     return metrics
@@ -166,13 +180,11 @@ def write_predictions(task: Task, raw: Dataset, output, out_dir: Path, split: st
 
 def load_for_inference(config: RunConfig) -> tuple[Task, Trainer, DatasetDict, DatasetDict]:
     """Task, a Trainer around the loaded model (no training), and the raw and tokenized splits."""
+    if any(getattr(config.training, k) != v for k, v in INFERENCE_SETTINGS.items()):
+        # `finetune evaluate/predict` decide these at parse time; a config parsed for training gets new
+        # arguments (the Trainer refuses an evaluation schedule without an evaluation set).
+        config.replace_training(**INFERENCE_SETTINGS)
     task = build_task(config)
-    if "output_dir" not in config.explicit:
-        source = Path(config.model.model_name_or_path)
-        config.training.output_dir = str(source if source.is_dir() else Path("runs") / f"eval-{source.name}")
-    # No training here: nothing to evaluate on a schedule or to reload at the end.
-    config.training.eval_strategy = IntervalStrategy.NO
-    config.training.load_best_model_at_end = False
     raw, tokenized, tokenizer = tokenized_splits(task, config)
     model = task.load_model(tokenizer)
     trainer = task.build_trainer(model, tokenizer, None, None, [])

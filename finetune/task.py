@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from datasets import Dataset, DatasetDict
 from transformers import (
@@ -25,8 +25,10 @@ from transformers import (
 from transformers.trainer_utils import PredictionOutput
 
 from finetune.batching import FinetuneSampling
-from finetune.config import RunConfig
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # config imports the task registry to resolve settings at parse time
+    from finetune.config import RunConfig
 
 
 def mixed_precision(config: RunConfig) -> bool:
@@ -95,10 +97,16 @@ class Task(ABC):
 
     # -- training and metrics ------------------------------------------------------------------------------
 
-    @property
+    @classmethod
     @abstractmethod
+    def best_metric_of(cls, task_name: str | None) -> str:
+        """Metric (without the ``eval_`` prefix) that picks the best checkpoint of a preset (None: custom data);
+        higher is better. Known before any model or data is loaded: the config resolves it at parse time."""
+
+    @property
     def best_metric(self) -> str:
-        """Metric (without the ``eval_`` prefix) that picks the best checkpoint; higher is better."""
+        """This run's metric for the best checkpoint (where the data decides it, it may differ from the preset's)."""
+        return self.best_metric_of(self.config.data.task_name)
 
     @abstractmethod
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]: ...
@@ -131,7 +139,7 @@ class Task(ABC):
         """This family's Trainer class and training arguments around the common Trainer arguments."""
         if self.config.training.padding_free:
             raise FinetuneError(f"padding_free is for decoder-only models on generation tasks, not {self.family}")
-        return FinetuneTrainer(args=self.config.training, **kwargs)
+        return FinetuneTrainer(args=self.config.trainer_arguments(), **kwargs)
 
     def predict(self, trainer: Trainer, dataset: Dataset, split: str) -> PredictionOutput:
         """Predictions (and metrics, where labels exist) for one tokenized split."""

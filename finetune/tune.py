@@ -29,13 +29,7 @@ from transformers import Trainer
 from finetune.callbacks import EpochSeededSampler, NonFiniteLoss, StopOnNonFiniteLoss
 from finetune.config import CONFIG_SECTIONS, RunConfig, TuneConfig, recipe_path
 from finetune.errors import FinetuneError
-from finetune.pipeline import (
-    build_task,
-    default_output_dir,
-    eval_dataset_arg,
-    settle_training_defaults,
-    tokenized_splits,
-)
+from finetune.pipeline import build_task, eval_dataset_arg, tokenized_splits
 
 STUDY_FILE = "tune.db"
 RESULTS_CSV = "tune_results.csv"
@@ -188,14 +182,15 @@ def tune(config: RunConfig) -> TuneResult:
     if task.family != "glue":
         raise FinetuneError(f"finetune tune supports classification (glue family) tasks, not {task.family} yet")
     recipe_document = recipe_of(config)  # before the search changes settings for its trials
-    settle_training_defaults(config, task)
-    args = config.training
+    # A trial needs its best score, not its model: the Trainer tracks best_metric without checkpoints. New
+    # arguments (see RunConfig.replace_training); the Trainer gets its own copy, which the search edits per trial.
+    changes: dict[str, Any] = {"save_strategy": "no", "load_best_model_at_end": False}
     if "output_dir" not in config.explicit:
-        args.output_dir = f"{default_output_dir(config)}-tune"
+        changes["output_dir"] = f"{config.training.output_dir}-tune"
+    config.replace_training(**changes)
+    args = config.training
     out = Path(args.output_dir)
     check_tune_dir(out, args.overwrite_output_dir)
-    # A trial needs its best score, not its model: the Trainer tracks best_metric without checkpoints.
-    args.save_strategy, args.load_best_model_at_end = "no", False
     metric = args.metric_for_best_model.removeprefix("eval_")
 
     raw, tokenized, tokenizer = tokenized_splits(task, config)
@@ -210,7 +205,7 @@ def tune(config: RunConfig) -> TuneResult:
         None, tokenizer, tokenized["train"], eval_dataset_arg(tokenized, eval_splits), trial_callbacks(config),
         model_init=model_init,
     )
-    seeds = tuple(args.seed + i for i in range(config.tune.tune_seeds))  # args.seed then changes per trained seed
+    seeds = tuple(args.seed + i for i in range(config.tune.tune_seeds))  # (the Trainer's copy changes per seed)
     averaging_seeds(trainer, seeds)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +235,6 @@ def tune(config: RunConfig) -> TuneResult:
             pruner=pruner,
             catch=(NonFiniteLoss,),  # a diverging setting fails its trial, not the search
         )
-    args.seed = seeds[0]
     study = optuna.load_study(study_name=name, storage=storage)
     return write_results(study, config, recipe_document, metric, out)
 

@@ -281,7 +281,7 @@ class GlueTask(Task):
         weights = self.loss_weights(kwargs.get("train_dataset"))
         if weights is None or self.config.training.padding_free:  # the base class refuses padding_free
             return super().trainer(**kwargs)
-        return WeightedLossTrainer(args=self.config.training, class_weights=weights, **kwargs)
+        return WeightedLossTrainer(args=self.config.trainer_arguments(), class_weights=weights, **kwargs)
 
     def loss_weights(self, train_dataset: Dataset | None) -> torch.Tensor | None:
         """Per-class loss weights in model label order from ``--class_weights``, or None for the plain loss.
@@ -296,7 +296,8 @@ class GlueTask(Task):
             raise FinetuneError("class_weights is for classification; this task is a regression")
         model_ids = np.asarray(train_dataset["labels"])
         by_name = class_weights(setting, self.dataset_label_ids(model_ids[model_ids >= 0]), self.label_names)
-        self.config.training.class_weights = ",".join(f"{w:.6g}" for w in by_name)
+        # `auto` depends on the data: new arguments (see RunConfig.replace_training), not an edited field
+        self.config.replace_training(class_weights=",".join(f"{w:.6g}" for w in by_name))
         in_model_order = [0.0] * len(by_name)
         for data_id, weight in enumerate(by_name):
             in_model_order[(self.label_to_model_id or {}).get(data_id, data_id)] = weight
@@ -372,9 +373,13 @@ class GlueTask(Task):
 
     # -- metrics -------------------------------------------------------------------------------------------
 
+    @classmethod
+    def best_metric_of(cls, task_name: str | None) -> str:
+        return (cls.preset_named(task_name) or CUSTOM).best_metric
+
     @property
     def best_metric(self) -> str:
-        return self.row.best_metric
+        return self.row.best_metric  # custom data whose labels are scores: the regression metric
 
     def metric_names(self) -> tuple[str, ...]:
         return self.row.metrics

@@ -60,8 +60,8 @@ class SummarizationTask(GenerationTask):
         return [(v[0] if v else "") if isinstance(v, list) else generation_metrics.first_sentence(str(v))
                 for v in values]
 
-    @property
-    def best_metric(self) -> str:
+    @classmethod
+    def best_metric_of(cls, task_name: str | None) -> str:
         return "rougeL"
 
     def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:

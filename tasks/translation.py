@@ -83,8 +83,8 @@ class TranslationTask(GenerationTask):
         """Copy-source: the untranslated source (scores what names and numbers alone earn)."""
         return self.text_columns().sources(raw[:])
 
-    @property
-    def best_metric(self) -> str:
+    @classmethod
+    def best_metric_of(cls, task_name: str | None) -> str:
         return "sacrebleu"
 
     def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 
 from finetune.batching import LengthBucketSampler
 from finetune.config import parse_run_config
-from finetune.pipeline import build_task, settle_training_defaults, tokenized_splits
+from finetune.pipeline import build_task, tokenized_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,6 @@ def glue_trainer(model_dir: Path, tmp_path: Path, **overrides):
         },
     )
     task = build_task(config)
-    settle_training_defaults(config, task)
     _, tokenized, tokenizer = tokenized_splits(task, config)
     model = task.load_model(tokenizer)
     return task, task.build_trainer(model, tokenizer, tokenized["train"], None, []), tokenized

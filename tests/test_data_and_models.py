@@ -204,8 +204,13 @@ def test_smollm2_gguf_trains_on_mrpc(tmp_path: Path) -> None:
 
 
 def test_wheel_installs_tasks_inside_the_package(tmp_path: Path) -> None:
+    # From a copy without build/: pip builds in the source tree, and setuptools would pack modules left in
+    # build/lib by an earlier build (a module since moved or deleted) into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".ci-venv", "build", "dist", "runs", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -217,6 +222,7 @@ def test_wheel_installs_tasks_inside_the_package(tmp_path: Path) -> None:
     sources = [p.relative_to(ROOT).as_posix() for p in (ROOT / "finetune").rglob("*.py")]
     sources += ["finetune/" + p.relative_to(ROOT).as_posix() for p in (ROOT / "tasks").rglob("*.py")]
     assert "finetune/hub/push.py" in sources and sorted(set(sources) - set(names)) == []
+    assert sorted(n for n in names if n.endswith(".py") and n not in sources) == []
     assert "finetune/recipes/glue-mrpc.yaml" in names
     assert not [n for n in names if n.startswith("tasks/")], "a top-level 'tasks' package would be installed"
     top_level = next(n for n in names if n.endswith("top_level.txt"))

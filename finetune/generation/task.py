@@ -234,7 +234,7 @@ class GenerationTask(Task):
         return super().build_trainer(model, tokenizer, train_dataset, eval_dataset, callbacks)
 
     def trainer(self, **kwargs: Any) -> Trainer:
-        args = seq2seq_arguments(self.config.training)
+        args = seq2seq_arguments(self.config.trainer_arguments())
         decoder_only = self.kind is ModelKind.DECODER_ONLY
         return GenerationTrainer(
             args=args,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from finetune import mirror
+from finetune.config import INFERENCE_SETTINGS
 from finetune.errors import FinetuneError, Preempted
 from finetune.glue import CHART, RESULTS_JSON, RESULTS_MD, SUBMISSION_ZIP, TaskResult
 from finetune.glue.report import write_results
@@ -255,7 +256,7 @@ def predict_into(
 
     done = [target / f"predictions_{split}.jsonl" for split in preset.predict_splits]
     if not all(path.is_file() for path in done):
-        overrides = {"model_name_or_path": str(model_dir), "output_dir": str(target)}
+        overrides = {"model_name_or_path": str(model_dir), "output_dir": str(target), **INFERENCE_SETTINGS}
         config = parsed(f"glue-{name}", passthrough, overrides)
         written = pipeline.predict(config)
         if not written:

@@ -18,8 +18,7 @@ import argparse
 import fnmatch
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -34,8 +33,6 @@ from finetune.hub.card import CARD_NAME
 
 #: never uploaded: checkpoints (optimizer state), the pickled TrainingArguments, hidden and lock files
 IGNORED = ("checkpoint-*", "training_args.bin", ".*", "*.lock", "error.log")
-#: hub_strategy values with which the Trainer pushes during training (``end`` leaves the push to us)
-TRAINER_PUSH_STRATEGIES = ("every_save", "checkpoint", "all_checkpoints")
 
 Files = list[tuple[Path, str]]
 
@@ -92,32 +89,15 @@ def main(argv: list[str], folder_kinds: Sequence[FolderKind] = ()) -> int:
     return 0
 
 
-@contextmanager
-def trainer_push_handled(config) -> Iterator[None]:
-    """Around ``pipeline.train``: check the token before training, and keep the Trainer from pushing a
-    model without our card (it would push from ``save_model``) unless checkpoints are to be pushed.
-
-    ``push_to_hub`` is restored afterwards and the run's saved config rewritten, so that it records what
-    the user asked for.
-    """
-    args = config.training
-    if not args.push_to_hub:
-        yield
+def prepare_push(config) -> None:
+    """Before ``finetune train --push_to_hub`` trains: the token must be there, and the repo and branch the
+    Trainer pushes checkpoints into must exist (with ``hub_strategy=end`` finetune pushes after training,
+    with the card, and the Trainer does not push at all: see ``RunConfig.trainer_arguments``)."""
+    if not config.training.push_to_hub or config.hub.dry_run:
         return
-    if not config.hub.dry_run:
-        client.hub_token()  # fail now, not after hours of training
-    strategy = getattr(args.hub_strategy, "value", args.hub_strategy)
-    trainer_pushes = not config.hub.dry_run and strategy in TRAINER_PUSH_STRATEGIES
-    if trainer_pushes and args.process_index == 0:
-        prepare_repo(args)
-    args.push_to_hub = trainer_pushes
-    try:
-        yield
-    finally:
-        args.push_to_hub = True
-    saved = Path(args.output_dir) / RESOLVED_CONFIG_NAME
-    if not trainer_pushes and args.process_index == 0 and saved.is_file():
-        config.save(args.output_dir)
+    client.hub_token()
+    if config.trainer_pushes() and config.training.process_index == 0:
+        prepare_repo(config.training)
 
 
 def prepare_repo(args, sleep: Callable[[float], None] = time.sleep) -> None:
