@@ -75,13 +75,12 @@ def tiny_glue_trainer(model_dir: Path, out: Path, **settings):
     """A GLUE MRPC task and its Trainer, built by the pipeline's own steps, without training."""
     from finetune.callbacks import default_callbacks
     from finetune.config import parse_run_config
-    from finetune.pipeline import build_task, eval_dataset_arg, settle_training_defaults, tokenized_splits
+    from finetune.pipeline import build_task, eval_dataset_arg, tokenized_splits
 
     overrides = {"model_name_or_path": str(model_dir), "task_name": "mrpc", "output_dir": str(out),
                  "max_train_samples": 64, "max_eval_samples": 8, **settings}
     config = parse_run_config("glue-mrpc", overrides=overrides)
     task = build_task(config)
-    settle_training_defaults(config, task)
     _, tokenized, tokenizer = tokenized_splits(task, config)
     model = task.load_model(tokenizer)
     trainer = task.build_trainer(
