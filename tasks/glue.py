@@ -169,6 +169,11 @@ class GlueTask(Task):
         self.head_kwargs = self.head_settings(modeling.load_config(self.config.model))
         return raw
 
+    def say(self, message: str) -> None:
+        """One warning line for the whole run: every process reads the data, the main process tells."""
+        if self.config.training.process_index == 0:
+            logger.warning(message)
+
     @property
     def label_names(self) -> list[str] | None:
         """Class id -> name, as the model's id2label stores it (custom values as text: 10 -> "10")."""
@@ -190,7 +195,7 @@ class GlueTask(Task):
                 continue
             for column, count in nulls.items():
                 if count:
-                    logger.warning(f"finetune: {self.where(split)} has {count} row(s) with empty text in column "
+                    self.say(f"finetune: {self.where(split)} has {count} row(s) with empty text in column "
                                    f"'{column}'; they are kept as empty texts")
             empty = [c for c, count in nulls.items() if count]
             fixed[split] = dataset.map(
@@ -338,12 +343,12 @@ class GlueTask(Task):
                 "without that head"
             )
         if len(existing) == wanted["num_labels"]:
-            logger.warning(
+            self.say(
                 f"finetune: --ignore_mismatched_sizes: the classification head of '{checkpoint_name}' (labels "
                 f"{existing}) is relabelled for {data}; its weights are the starting point"
             )
             return wanted
-        logger.warning(
+        self.say(
             f"finetune: --ignore_mismatched_sizes: the classification head of '{checkpoint_name}' (labels "
             f"{existing}) is replaced by a new one for {data}"
         )
