@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import __version__
+from finetune.distributed import prepare_launch_environment
 from finetune.errors import PREEMPTED_EXIT_CODE, USAGE_EXIT_CODE, FinetuneError, Preempted
 
 USAGE = """\
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         return fail(f"unknown command '{command}' (commands: {', '.join(COMMANDS)})")
     quiet_third_party_logs()
-    cpu_workers_join_one_group()
     try:
+        prepare_launch_environment()
         return COMMANDS[command](rest) or 0
     except FinetuneError as error:
         return fail(str(error))
@@ -68,19 +69,6 @@ def fail(message: str) -> int:
 def quiet_third_party_logs() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("datasets").setLevel(logging.WARNING)
-
-
-def cpu_workers_join_one_group() -> None:
-    """Under `accelerate launch --multi_gpu` on a machine without GPUs, train as one gloo group.
-
-    accelerate 1.15 does not hand `use_cpu` on to the workers it starts through torchrun; without this
-    each worker would train its own model on all the data.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from transformers import (
 from transformers.trainer_utils import PredictionOutput
 
 from finetune.batching import FinetuneSampling
+from finetune.distributed import FsdpTrainerMixin
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:  # config imports the task registry to resolve settings at parse time
@@ -37,8 +38,9 @@ def mixed_precision(config: RunConfig) -> bool:
     return bool(args.fp16 or args.bf16) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("fp16", "bf16")
 
 
-class FinetuneTrainer(FinetuneSampling, Trainer):
-    """The Trainer of classification tasks: finetune's batching (see ``finetune.batching``)."""
+class FinetuneTrainer(FsdpTrainerMixin, FinetuneSampling, Trainer):
+    """The Trainer of classification tasks: finetune's batching (``finetune.batching``), FSDP fixes
+    (``finetune.distributed``)."""
 
 
 class Task(ABC):
