@@ -11,7 +11,10 @@
 #   LAUNCH_CONFIG      accelerate config, default launch/multi_node.yaml (DDP). launch/fsdp.yaml and
 #                      launch/deepspeed_zero{2,3}.yaml work too: the node count, ranks and rendezvous
 #                      address are overridden on the command line below whatever the file says.
-#   GPUS_PER_NODE      default: SLURM_GPUS_ON_NODE, else 8. Must match --gres.
+#   GPUS_PER_NODE      processes per node. Default: SLURM_GPUS_ON_NODE (set with --gres gpu:N), else the
+#                      GPUs torch sees; on a node without GPUs, 1 CPU process (set it for more, e.g. 2).
+#   MIXED_PRECISION    passed to accelerate launch when set (no|bf16|fp16). Default: the config's value
+#                      on GPU nodes, "no" on nodes without GPUs (bf16 autocast on CPU is slow).
 #   MAIN_PROCESS_PORT  rendezvous port on the first node, default 29500.
 #   FINETUNE_VENV      a virtualenv to activate first (optional).
 #   FINETUNE_RESUME    auto (default) | always | never: when to add `--resume_from_checkpoint last`.
@@ -59,7 +62,18 @@ if [[ -n "${FINETUNE_VENV:-}" ]]; then
 fi
 
 LAUNCH_CONFIG="${LAUNCH_CONFIG:-launch/multi_node.yaml}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
+# GPUs on this node: SLURM's count when --gres asked for them, else what torch sees (0 on a CPU-only node).
+if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    NODE_GPUS="${SLURM_GPUS_ON_NODE}"
+else
+    NODE_GPUS="$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+fi
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+    GPUS_PER_NODE=$(( NODE_GPUS > 0 ? NODE_GPUS : 1 ))
+fi
+if [[ -z "${MIXED_PRECISION:-}" && "${NODE_GPUS}" -eq 0 ]]; then
+    MIXED_PRECISION=no
+fi
 MAIN_PROCESS_PORT="${MAIN_PROCESS_PORT:-29500}"
 PREEMPTED_EXIT_CODE="${FINETUNE_PREEMPTED_EXIT_CODE:-143}"
 MAX_REQUEUES="${FINETUNE_MAX_REQUEUES:-20}"
@@ -116,13 +130,21 @@ if wants_resume "$@"; then
     train_args+=(--resume_from_checkpoint last)
 fi
 
+PROCESSES=$((NNODES * GPUS_PER_NODE))
+if [[ "${PROCESSES}" -eq 1 && "${LAUNCH_CONFIG}" == launch/multi_node.yaml ]]; then
+    # accelerate refuses a MULTI_GPU config with one process; one process is the single-GPU case.
+    LAUNCH_CONFIG=launch/single_gpu.yaml
+fi
 launch_args=(
     --config_file "${LAUNCH_CONFIG}"
     --num_machines "${NNODES}"
-    --num_processes "$((NNODES * GPUS_PER_NODE))"
+    --num_processes "${PROCESSES}"
     --main_process_ip "${MAIN_PROCESS_IP}"
     --main_process_port "${MAIN_PROCESS_PORT}"
 )
+if [[ -n "${MIXED_PRECISION:-}" ]]; then
+    launch_args+=(--mixed_precision "${MIXED_PRECISION}")
+fi
 # --kill-on-bad-exit=0 (explicit, clusters may default to 1): after a SIGTERM every node exits non-zero
 # once its part of the checkpoint is written; killing the others at the first such exit would cut
 # their writes short (FSDP and DeepSpeed checkpoints are written by every rank).
@@ -132,7 +154,7 @@ if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
     srun_args+=(--cpus-per-task="${SLURM_CPUS_PER_TASK}")
 fi
 
-log "job ${SLURM_JOB_ID}, restart ${RESTARTS}: ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s), main ${MAIN_PROCESS_IP}:${MAIN_PROCESS_PORT}, config ${LAUNCH_CONFIG}"
+log "job ${SLURM_JOB_ID}, restart ${RESTARTS}: ${NNODES} node(s) x ${GPUS_PER_NODE} process(es) (${NODE_GPUS} GPU(s) on this node), main ${MAIN_PROCESS_IP}:${MAIN_PROCESS_PORT}, config ${LAUNCH_CONFIG}"
 log "finetune train ${train_args[*]}"
 
 REQUEUE_ASKED=0
@@ -148,10 +170,22 @@ on_usr1() {
     INTERRUPTED=1
     stop_step
 }
+job_state() {
+    scontrol show job "${SLURM_JOB_ID}" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n1 | cut -d= -f2
+}
 on_term() {
-    log "SIGTERM: job cancelled or preempted; asking the workers to checkpoint and stop"
     TERM_RECEIVED=1
     INTERRUPTED=1
+    local state
+    state="$(job_state)"
+    if [[ -n "${state}" && "${state}" != RUNNING ]]; then
+        # scancel, scontrol requeue or preemption: SLURM itself sends SIGTERM to every step of the job (and
+        # refuses a further scancel, "Job can not be altered now"). The workers checkpoint and exit; SLURM
+        # kills what is left after KillWait, so a checkpoint must take less than KillWait (scontrol show config).
+        log "SIGTERM: SLURM is ending the job (state ${state}) and signals the training step itself; waiting for its checkpoint"
+        return
+    fi
+    log "SIGTERM: job cancelled or preempted; asking the workers to checkpoint and stop"
     stop_step
 }
 trap on_usr1 USR1

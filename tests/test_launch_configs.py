@@ -254,6 +254,7 @@ exec "$@"
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
   "show hostnames") printf 'gpu-017\\ngpu-018\\n' ;;
+  "show job") echo "JobId=$3 JobName=finetune JobState=${FAKE_JOB_STATE:-RUNNING} Reason=None" ;;
   *) echo "$@" >> "$FAKE_DIR/scontrol.log" ;;
 esac
 """
@@ -299,7 +300,7 @@ def fake_slurm(tmp_path: Path):
         "SLURM_JOB_NODELIST": "gpu-[017-018]",
         "SLURM_SUBMIT_DIR": str(ROOT),
         "SLURM_CPUS_PER_TASK": "16",
-        "GPUS_PER_NODE": "8",
+        "SLURM_GPUS_ON_NODE": "8",
     }
     return tmp_path, env
 
@@ -339,6 +340,26 @@ def test_slurm_builds_one_accelerate_launch_per_node(fake_slurm):
     assert not (tmp / "scontrol.log").exists()
 
 
+def test_slurm_on_a_node_without_gpus(fake_slurm):
+    """CPU-only node: one process per node unless GPUS_PER_NODE says more, fp32, and with one process in all the
+    single-process config (accelerate refuses a MULTI_GPU config with one process)."""
+    tmp, env = fake_slurm
+    del env["SLURM_GPUS_ON_NODE"]
+    env["PATH"] = f"{tmp / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin"  # no python with CUDA here: 0 GPUs
+    result = run_slurm(env, "glue-mrpc", FAKE_MODE="ok", SLURM_NNODES="1", SLURM_JOB_NODELIST="vm")
+    assert result.returncode == 0, result.stdout + result.stderr
+    args = (tmp / "accelerate.args").read_text().splitlines()
+    assert args[args.index("--config_file") + 1] == "launch/single_gpu.yaml"
+    assert args[args.index("--num_processes") + 1] == "1"
+    assert args[args.index("--mixed_precision") + 1] == "no"
+
+    run_slurm(env, "glue-mrpc", FAKE_MODE="ok", SLURM_NNODES="1", GPUS_PER_NODE="2")
+    args = (tmp / "accelerate.args").read_text().splitlines()
+    assert args[args.index("--config_file") + 1] == "launch/multi_node.yaml"
+    assert args[args.index("--num_processes") + 1] == "2"
+    assert args[args.index("--mixed_precision") + 1] == "no"
+
+
 def test_slurm_resumes_only_a_requeued_run_with_a_checkpoint(fake_slurm):
     tmp, env = fake_slurm
     out = tmp / "run"
@@ -370,8 +391,8 @@ def test_slurm_requeues_on_the_preempted_exit_code(fake_slurm):
 
 @pytest.mark.parametrize(("sig", "requeued"), [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
 def test_slurm_signal_stops_the_step_gracefully(fake_slurm, sig: signal.Signals, requeued: bool):
-    """USR1 (time limit near): SIGTERM to the step through scancel, then requeue. SIGTERM (scancel or
-    preemption): the same SIGTERM to the step, no requeue from the script."""
+    """USR1 (time limit near): SIGTERM to the step through scancel, then requeue. SIGTERM to the batch shell
+    alone (scancel --batch): the same SIGTERM to the step, no requeue from the script."""
     tmp, env = fake_slurm
     process = subprocess.Popen(
         ["bash", str(SLURM_SCRIPT), "glue-mrpc"],
@@ -393,3 +414,27 @@ def test_slurm_signal_stops_the_step_gracefully(fake_slurm, sig: signal.Signals,
     else:
         assert process.returncode == 1, output
         assert not (tmp / "scontrol.log").exists(), output
+
+
+def test_slurm_leaves_a_requeue_or_cancel_to_slurm(fake_slurm):
+    """SIGTERM while SLURM itself ends the job (scontrol requeue, scancel, preemption): SLURM signals the step,
+    and refuses a further scancel ("Job can not be altered now"), so the script only waits for the step."""
+    tmp, env = fake_slurm
+    process = subprocess.Popen(
+        ["bash", str(SLURM_SCRIPT), "glue-mrpc"],
+        env={**env, "FAKE_MODE": "wait", "FAKE_JOB_STATE": "REQUEUED"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 10
+    while not (tmp / "accelerate.pid").exists():
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()[0]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(int((tmp / "accelerate.pid").read_text()), signal.SIGTERM)  # what SLURM does to the step
+    output, _ = process.communicate(timeout=20)
+    assert not (tmp / "scancel.log").exists(), output
+    assert "SLURM is ending the job (state REQUEUED)" in output
+    assert process.returncode == 1 and not (tmp / "scontrol.log").exists(), output
