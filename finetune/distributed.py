@@ -61,7 +61,8 @@ def join_cpu_process_group() -> None:
 
     Also for a single FSDP worker: FSDP needs a process group, even of one.
     """
-    if "ACCELERATE_USE_CPU" in os.environ:
+    if "ACCELERATE_USE_CPU" in os.environ or env_flag("ACCELERATE_USE_DEEPSPEED"):
+        # DeepSpeed sets up its own process group; with ACCELERATE_USE_CPU accelerate would skip DeepSpeed.
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (fsdp_requested() and "LOCAL_RANK" in os.environ):
         import torch
