@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy
 
+from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
 from finetune.tasks import task_class
 
@@ -493,9 +494,10 @@ def derived_settings(values: dict[str, Any], explicit: set[str], recipe: str | N
     * on a GPU: bf16 autocast where the GPU has bf16, and two dataloader workers. Neither helps on a CPU
       without bf16 units (bf16 is emulated there, and workers take cores from the model); an accelerate
       config that sets mixed precision decides instead;
-    * without a GPU, no pinned memory (pinning needs an accelerator; on a CPU it only warns).
+    * without a GPU, no pinned memory (pinning needs an accelerator; on a CPU it only warns);
+    * what the launch implies (``finetune.distributed.launch_setting_defaults``: gloo for DeepSpeed on CPU).
     """
-    derived: dict[str, Any] = {}
+    derived: dict[str, Any] = {k: v for k, v in launch_setting_defaults().items() if k not in explicit}
     if "output_dir" not in explicit:  # TrainingArguments would fill in its own generic name
         name = Path(str(recipe)).stem if recipe else (values["task_name"] or values["task"])
         derived["output_dir"] = str(Path("runs") / name)

@@ -71,6 +71,20 @@ def join_cpu_process_group() -> None:
             os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
+def launch_setting_defaults() -> dict[str, Any]:
+    """Training settings the launch implies: gloo for DeepSpeed workers on a machine without CUDA.
+
+    There accelerate hands DeepSpeed the backend named by ``ddp_backend``; left unset, it finds none and sets
+    up a one-process state in every worker.
+    """
+    if env_flag("ACCELERATE_USE_DEEPSPEED") and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"ddp_backend": "gloo"}
+    return {}
+
+
 def prepare_launch_environment() -> None:
     """Called once at start-up, before anything builds accelerate's state."""
     refuse_lone_worker()
@@ -135,11 +149,14 @@ class FsdpTrainerMixin:
     def create_accelerator_and_postprocess(self) -> None:
         with fsdp_on_cpu_process_group():
             super().create_accelerator_and_postprocess()  # type: ignore[misc]
+        got = f"{self.accelerator.distributed_type.value} with {self.accelerator.num_processes} process(es)"
         if fsdp_requested() and not self.is_fsdp_enabled:
-            raise FinetuneError(
-                f"the launch config asks for FSDP, but accelerate set up {self.accelerator.distributed_type.value} "
-                f"with {self.accelerator.num_processes} process(es); not training without FSDP"
-            )
+            raise FinetuneError(f"the launch config asks for FSDP, but accelerate set up {got}")
+        if env_flag("ACCELERATE_USE_DEEPSPEED") and not self.is_deepspeed_enabled:
+            raise FinetuneError(f"the launch config asks for DeepSpeed, but accelerate set up {got}")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes != launched:
+            raise FinetuneError(f"{launched} processes were launched, but accelerate set up {got}")
         if not self.is_fsdp_enabled:
             return
         plugin = self.accelerator.state.fsdp_plugin

@@ -172,6 +172,26 @@ def test_fsdp_sigterm_checkpoints_shards_and_resumes(tiny_model_dir, tmp_path: P
     assert_full_model_evaluates_as_the_run_said(run, tmp_path)
 
 
+def test_fsdp_decoder_only_generation_finishes(tiny_model_dir, tmp_path: Path) -> None:
+    """Decoder-only generation in evaluation under FSDP2 on 2 processes: every forward gathers weights from
+    both ranks, so a rank whose rows finish early must keep joining (synced_gpus) or the other hangs."""
+    from conftest import SAMPLES
+
+    run, cache = tmp_path / "run", tmp_path / "datasets-cache"
+    run_launch(
+        [*launch_command("fsdp.yaml", *FSDP_ON_CPU), "train", "--task", "summarization", "--model_name_or_path",
+         str(tiny_model_dir("llama")), "--output_dir", str(run), "--train_file",
+         str(SAMPLES / "xsum_sample" / "sample.jsonl"), "--validation_split_percentage", "30",
+         "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+         "--max_new_tokens", "12", "--max_seq_length", "96", "--max_target_length", "24", "--disable_tqdm", "true"],
+        cache,
+    )
+    assert read_json(run / "metrics.json")["eval"]["validation"]["examples"] == 3
+    assert len(read_jsonl(run / "generated_predictions.jsonl")) == 3
+    checkpoint = Path(read_json(run / "trainer_state.json")["best_model_checkpoint"])
+    assert fsdp_shards(checkpoint) == ["__0_0.distcp", "__1_0.distcp"]
+
+
 def test_fsdp_with_cpu_flag_is_an_error_not_one_process(tiny_model_dir, tmp_path: Path) -> None:
     """`--cpu` sends an FSDP (or MULTI_GPU) config to accelerate's single-process launcher: one line, exit 2."""
     done = run_launch(
@@ -351,3 +371,42 @@ def test_slurm_job_and_a_requeued_job_end_with_the_same_weights(tiny_model_dir, 
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepSpeed on CPU (only where deepspeed is installed: pip install deepspeed)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def deepspeed_missing(cache: Path) -> str | None:
+    probe = subprocess.run([sys.executable, "-c", "import deepspeed"], env=launch_env(cache), capture_output=True,
+                           text=True, timeout=300)
+    return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_cpu_trains_and_resumes(stage: int, tiny_model_dir, tmp_path: Path) -> None:
+    """launch/deepspeed_zero{2,3}.yaml on 2 CPU processes: DeepSpeed's own sharded checkpoint (one optimizer
+    shard per rank), a full final model, and a 2-process resume from `last` that trains the second epoch only.
+    DeepSpeed compiles its CPU ops (shm comm, fused Adam) at first use: minutes, once per machine."""
+    cache = tmp_path / "datasets-cache"
+    missing = deepspeed_missing(cache)
+    if missing:
+        pytest.skip(f"deepspeed is not installed ({missing})")
+    run = tmp_path / "run"
+    command = [*launch_command(f"deepspeed_zero{stage}.yaml", "--num_processes", "2", "--main_process_port", "0"),
+               "train", "glue-mrpc", "--model_name_or_path", str(tiny_model_dir("bert")), "--output_dir", str(run),
+               *SMALL_RUN]
+    run_launch([*command, "--num_train_epochs", "1"], cache)
+    checkpoint = Path(last_complete_checkpoint(run) or "")
+    assert checkpoint.name == "checkpoint-6"
+    shards = sorted(p.name for p in (checkpoint / "global_step6").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # one ZeRO optimizer partition per rank: DeepSpeed, not DDP
+
+    run_launch([*command, "--num_train_epochs", "2", "--resume_from_checkpoint", "last"], cache)
+    state = read_json(run / "trainer_state.json")
+    assert state["global_step"] == 12
+    assert sorted(e["step"] for e in state["log_history"] if "loss" in e) == list(range(1, 13))
+    assert read_json(run / "metrics.json")["eval"]["validation"]["examples"] == EVAL_SAMPLES
+    assert (run / "model.safetensors").is_file()
