@@ -24,6 +24,7 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrate
 from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
 from finetune.tasks import task_class
+from finetune.validation import check_section
 
 
 @dataclass
@@ -58,6 +59,9 @@ class ModelConfig:
             "an error (run_glue.py's flag). A head of the right size is relabelled and its weights kept."
         },
     )
+
+    def __post_init__(self) -> None:
+        check_section(self)  # finetune/validation.py: every field's rule, before anything is loaded
 
 
 @dataclass
@@ -163,6 +167,9 @@ class DataConfig:
         default=False, metadata={"help": "Re-tokenize instead of reading the datasets cache."}
     )
 
+    def __post_init__(self) -> None:
+        check_section(self)  # finetune/validation.py: every field's rule, before anything is loaded
+
 
 @dataclass
 class HubConfig:
@@ -178,6 +185,9 @@ class HubConfig:
     dry_run: bool = field(
         default=False, metadata={"help": "With push_to_hub: print what would be uploaded instead of uploading."}
     )
+
+    def __post_init__(self) -> None:
+        check_section(self)  # finetune/validation.py: every field's rule, before anything is loaded
 
 
 @dataclass
@@ -195,6 +205,9 @@ class GenerationSettings:
     no_repeat_ngram_size: int = field(
         default=0, metadata={"help": "Never repeat an n-gram of this size in one output (0: no limit)."}
     )
+
+    def __post_init__(self) -> None:
+        check_section(self)  # finetune/validation.py: every field's rule, before anything is loaded
 
 
 @dataclass
@@ -300,6 +313,11 @@ class TrainConfig(TrainingArguments):
             "label in the dataset's label order, comma-separated (w1,w2,...). The run's config records the weights."
         },
     )
+
+    def __post_init__(self) -> None:
+        # Our rules first: TrainingArguments checks few values itself, and some only when training starts.
+        check_section(self)
+        super().__post_init__()
 
 
 CONFIG_SECTIONS: dict[str, type] = {

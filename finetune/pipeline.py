@@ -13,7 +13,6 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
 
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
 from finetune.config import INFERENCE_SETTINGS, RunConfig
@@ -29,20 +28,17 @@ def build_task(config: RunConfig) -> Task:
 
 
 def resume_checkpoint(config: RunConfig) -> str | None:
-    """The checkpoint to resume from: a path as given, or the newest in output_dir for ``last``."""
+    """The checkpoint to resume from: a path as given, or the newest in output_dir for ``last``.
+
+    A given path was checked when the config was built (finetune.validation): a folder with trainer_state.json,
+    without which the Trainer would load the weights and silently start again from step 0.
+    """
     wanted = config.training.resume_from_checkpoint
-    if wanted is None:
-        return None
     if wanted == "last":
         found = last_complete_checkpoint(config.training.output_dir)
         if found is None:
             raise FinetuneError(f"resume_from_checkpoint=last: no complete checkpoint in {config.training.output_dir}")
         return found
-    if not Path(wanted).is_dir():
-        raise FinetuneError(f"resume_from_checkpoint: {wanted} is not a checkpoint directory")
-    if not (Path(wanted) / TRAINER_STATE_NAME).is_file():
-        # The Trainer would load the weights and silently start again from step 0.
-        raise FinetuneError(f"resume_from_checkpoint: {wanted} has no {TRAINER_STATE_NAME}; not a complete checkpoint")
     return wanted
 
 

@@ -216,9 +216,8 @@ def test_last_skips_half_written_checkpoints(tmp_path: Path) -> None:
 
     partial = tmp_path / "checkpoint-12"
     (partial / "trainer_state.json").unlink()
-    config = parse_run_config("glue-mrpc", ["--output_dir", str(tmp_path), "--resume_from_checkpoint", str(partial)])
-    with pytest.raises(FinetuneError, match="not a complete checkpoint"):
-        resume_checkpoint(config)
+    with pytest.raises(FinetuneError, match="has no trainer_state.json; not a complete checkpoint"):
+        parse_run_config("glue-mrpc", ["--output_dir", str(tmp_path), "--resume_from_checkpoint", str(partial)])
 
 
 def nan_args(*extra: str) -> list[str]:
