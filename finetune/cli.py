@@ -148,6 +148,7 @@ def inference_config(argv: list[str], prog: str):
     if model is None:
         raise FinetuneError(f"{prog} needs MODEL: a run directory or a Hub id")
     splits, rest = split_option(rest)
+    require_model_source(model, prog)
     from finetune.config import INFERENCE_SETTINGS, DataConfig, load_saved_config
 
     saved = load_saved_config(model) if Path(model).is_dir() else {}
@@ -165,6 +166,34 @@ def inference_config(argv: list[str], prog: str):
     overrides["output_dir"] = str(source if source.is_dir() else Path("runs") / f"eval-{source.name}")
     overrides.update(INFERENCE_SETTINGS)
     return parsed_config(None, rest, overrides), splits
+
+
+def require_model_source(model: str, prog: str) -> None:
+    """A local MODEL must be a folder holding a model: a finished run, one of its checkpoints, or a saved model."""
+    from finetune.config import RESOLVED_CONFIG_NAME
+    from finetune.validation import looks_local
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return
+        if (path / RESOLVED_CONFIG_NAME).is_file():
+            raise FinetuneError(
+                f"{prog}: {model} is a finetune run without a saved model (no config.json): its training did not "
+                "finish; resume it (--resume_from_checkpoint last) or give one of its checkpoint-N folders"
+            )
+        raise FinetuneError(
+            f"{prog}: {model} is not a finetune run (no {RESOLVED_CONFIG_NAME}) nor a model folder (no config.json)"
+        )
+    if path.exists():
+        raise FinetuneError(f"{prog}: {model} is a file; MODEL is a run folder or a Hub model id")
+    if looks_local(model):
+        raise FinetuneError(f"{prog}: {model}: no such folder (MODEL is a run folder or a Hub model id)")
+    from finetune import mirror
+
+    root = mirror.mirror_root()
+    if root is not None and (root / "datasets" / model).is_dir() and not (root / "models" / model).is_dir():
+        raise FinetuneError(f"{prog}: {model} is a dataset (in the mirror {root}), not a model")
 
 
 def cmd_evaluate(argv: list[str]) -> int:
