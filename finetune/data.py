@@ -40,6 +40,8 @@ def load_local_files(files: dict[str, str]) -> DatasetDict:
             raise FinetuneError(f"{split} file {file} does not exist")
         if path.suffix.lower() not in FILE_BUILDERS:
             raise FinetuneError(f"{split} file {file}: unsupported format (use {', '.join(FILE_BUILDERS)})")
+        if has_no_rows(path):
+            raise FinetuneError(f"{split} file {file} is empty: it holds no examples")
         suffixes.add(path.suffix.lower())
     builders = {FILE_BUILDERS[s] for s in suffixes}
     if len(builders) > 1:
@@ -49,6 +51,32 @@ def load_local_files(files: dict[str, str]) -> DatasetDict:
         return datasets.load_dataset(builders.pop(), data_files=files, **kwargs)
     except Exception as error:  # parser errors from pandas/pyarrow/json have many types
         raise FinetuneError(f"cannot read data files {sorted(files.values())}: {mirror.first_line(error)}") from None
+
+
+def has_no_rows(path: Path) -> bool:
+    """Whether a data file holds no examples: a header-only csv/tsv, a blank or ``[]`` json/jsonl, a 0-row parquet.
+
+    ``datasets`` reports such a file as 'Instruction "train" corresponds to no data', which does not say why.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows == 0
+        except Exception:  # not parquet after all: load_dataset says what is wrong with it
+            return False
+    needed = 2 if suffix in (".csv", ".tsv") else 1  # a csv's first line is its header
+    seen = []
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                seen.append(line.strip())
+                if len(seen) >= needed:
+                    break
+    if suffix in (".json", ".jsonl") and seen == [b"[]"]:
+        return True
+    return len(seen) < needed
 
 
 def local_files(cfg: DataConfig) -> dict[str, str]:
