@@ -250,6 +250,9 @@ class TuneConfig:
         default=None, metadata={"help": "Name of the optuna study in output_dir/tune.db; default: the recipe's name."}
     )
 
+    def __post_init__(self) -> None:
+        check_section(self)  # finetune/validation.py: every field's rule, before anything is loaded
+
 
 def _training_default(name: str, value: Any, help: str | None = None) -> Any:
     """A TrainingArguments field with our default and, optionally, our help text."""

@@ -49,6 +49,10 @@ class Number:
         return " or ".join([*extra, what.strip()])
 
     def problem(self, name: str, value: Any) -> str | None:
+        if isinstance(value, (list, tuple)):  # a list setting (tune's ranges and choices): every item
+            shown = " ".join(map(str, value))
+            return next((f"--{name} {shown}: each value must be {self.allowed()}"
+                         for item in value if self.problem(name, item)), None)
         if value is None or any(value == special for special, _ in self.special):
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -221,6 +225,16 @@ RULES: dict[str, Rule] = {
     "torch_compile_mode": Choice(("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
     "dataloader_multiprocessing_context": Choice(("fork", "spawn", "forkserver")),
     "ddp_backend": Choice(("nccl", "gloo", "mpi", "ccl", "hccl", "cncl", "mccl", "xccl")),
+    "early_stopping_patience": at_least(1),
+    # tune (lists: every item is checked; see also AGREEMENT)
+    "n_trials": at_least(1),
+    "tune_seeds": at_least(1),
+    "learning_rate_range": POSITIVE,
+    "warmup_range": Number(low=0, high=1, high_open=True),  # a fraction of the training steps
+    "weight_decay_range": NON_NEGATIVE,
+    "batch_sizes": Number(low=1, high=MAX_BATCH_SIZE, integer=True),
+    "epoch_choices": at_least(1),
+    "pruner": Choice(("median", "none")),
     "resume_from_checkpoint": LocalPath("folder", special=("last",), containing="trainer_state.json",
                                         without_it="; not a complete checkpoint"),
 }
@@ -259,8 +273,20 @@ def one_precision(training: Any) -> str | None:
     return None
 
 
+def ranges_in_order(tune: Any) -> str | None:
+    for name in ("learning_rate_range", "warmup_range", "weight_decay_range"):
+        values = list(getattr(tune, name))
+        if len(values) not in (1, 2) or values != sorted(values):
+            return f"--{name} {' '.join(map(str, values))}: must be one value or 'low high' with low <= high"
+    for name in ("batch_sizes", "epoch_choices"):
+        if not getattr(tune, name):
+            return f"--{name}: give at least one value"
+    return None
+
+
 #: rules between the fields of one section, by dataclass name
 AGREEMENT: dict[str, tuple[Callable[[Any], str | None], ...]] = {
     "GenerationSettings": (new_tokens_in_order,),
     "TrainConfig": (one_precision,),
+    "TuneConfig": (ranges_in_order,),
 }

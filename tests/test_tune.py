@@ -106,4 +106,4 @@ def test_tune_without_optuna_is_one_line(monkeypatch, tmp_path: Path, capsys) ->
 
 def test_tune_space_errors(tmp_path: Path, capsys) -> None:
     assert main(["tune", "glue-mrpc", "--learning_rate_range", "1e-3", "1e-5", "--output_dir", str(tmp_path)]) == 2
-    assert "learning_rate_range must be one value or 'low high'" in capsys.readouterr().err
+    assert "--learning_rate_range 0.001 1e-05: must be one value or 'low high'" in capsys.readouterr().err
