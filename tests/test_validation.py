@@ -80,3 +80,49 @@ def test_header_only_csv_says_the_file_is_empty(tmp_path, tiny_model_dir, capsys
                          "--output_dir", str(tmp_path / "out")], capsys)
     assert_one_line_error(code, err, str(train), "empty")
     assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "push"])
+def test_commands_on_a_folder_that_is_not_a_run(command, tmp_path, capsys) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("not a model\n")
+    extra = ["--dry_run"] if command == "push" else ["--task_name", "mrpc"]
+    code, err = run_cli([command, str(folder), *extra], capsys)
+    line = assert_one_line_error(code, err, str(folder))
+    assert "not a finetune run" in line or "not a finished finetune run" in line, line
+    assert sorted(p.name for p in folder.iterdir()) == ["todo.txt"]
+
+
+def test_evaluate_a_run_whose_training_did_not_finish(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finetune_config.yaml").write_text("data:\n  task: glue\n  task_name: mrpc\n")
+    code, err = run_cli(["evaluate", str(run)], capsys)
+    assert_one_line_error(code, err, "without a saved model", "checkpoint-N")
+
+
+@pytest.mark.parametrize(("model", "fragment"), [("./no/such/run", "no such folder"),
+                                                 ("nyu-mll/glue", "is a dataset")])
+def test_evaluate_a_missing_path_or_a_dataset_id(model, fragment, capsys) -> None:
+    code, err = run_cli(["evaluate", model, "--task_name", "mrpc"], capsys)
+    assert_one_line_error(code, err, model, fragment)
+
+
+def test_rule_messages_name_flag_value_and_what_is_allowed(tmp_path) -> None:
+    from finetune.config import parse_run_config
+    from finetune.errors import FinetuneError
+
+    cases = {
+        ("--adam_beta2", "1"): "--adam_beta2 1.0: must be a number >= 0 and < 1",
+        ("--max_steps", "0"): "--max_steps 0: must be -1 (train for num_train_epochs) or an integer >= 1",
+        ("--warmup_steps", "nan"): "--warmup_steps nan: must be a number >= 0",
+        ("--report_to", "tensorboard,nope"): "--report_to tensorboard,nope: 'nope' is not one of none, all,",
+        ("--min_new_tokens", "9", "--max_new_tokens", "4"): "--min_new_tokens 9: must be <= --max_new_tokens (4)",
+        ("--bf16", "true", "--fp16", "true"): "--bf16 and --fp16 are both true",
+        ("--resume_from_checkpoint", str(tmp_path)): "has no trainer_state.json; not a complete checkpoint",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(FinetuneError) as raised:
+            parse_run_config("glue-mrpc", list(argv))
+        assert message in str(raised.value), (argv, str(raised.value))
