@@ -21,7 +21,8 @@ FAMILIES: dict[str, str] = {
 def task_class(family: str) -> type:
     """The Task subclass of a family, with a one-line error for unknown names."""
     if family not in FAMILIES:
-        raise FinetuneError(f"unknown task family '{family}' (known: {', '.join(FAMILIES)})")
+        # The same words as finetune.validation's rule for --task: config derivation asks for the class first.
+        raise FinetuneError(f"--task {family}: must be one of {', '.join(FAMILIES)}")
     module_name, class_name = FAMILIES[family].split(":")
     try:
         module = import_module(f"{__name__}.{module_name}")
