@@ -196,7 +196,7 @@ RULES: dict[str, Rule] = {
     "max_steps": Number(low=1, integer=True, special=((-1, "train for num_train_epochs"),)),
     # No upper bounds on rates and decays: a run that diverges stops at the first non-finite loss with one
     # line (finetune.callbacks), and the bound where that happens depends on the model and the optimizer.
-    "learning_rate": POSITIVE,
+    "learning_rate": NON_NEGATIVE,  # 0 is legal for the optimizers: the weights stay as they are
     "warmup_steps": NON_NEGATIVE,
     "weight_decay": NON_NEGATIVE,
     "adam_beta1": Number(low=0, high=1, high_open=True),

@@ -55,7 +55,7 @@ def test_early_stopping_stops_when_the_metric_cannot_improve(patience: int, tiny
         (["--load_best_model_at_end", "false"], "early_stopping_patience needs load_best_model_at_end true"),
         (["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false"],
          "early_stopping_patience needs evaluations during training"),
-        (["--early_stopping_patience", "0"], "early_stopping_patience must be at least 1"),
+        (["--early_stopping_patience", "0"], "--early_stopping_patience 0: must be an integer >= 1"),
     ],
 )
 def test_early_stopping_settings_are_checked(flags, message, tiny_model_dir, tmp_path: Path, capsys) -> None:

@@ -48,7 +48,7 @@ def nothing_written(tmp_path: Path) -> bool:
 
 def test_negative_learning_rate(mrpc_args, tmp_path, capsys) -> None:
     code, err = run_cli([*mrpc_args, "--learning_rate", "-1"], capsys)
-    assert_one_line_error(code, err, "--learning_rate", "-1", "> 0")
+    assert_one_line_error(code, err, "--learning_rate", "-1", ">= 0")
     assert nothing_written(tmp_path)
 
 
