@@ -27,6 +27,7 @@ commands:
   train [RECIPE] [--flag v ...]  fine-tune (RECIPE: shipped name such as glue-mrpc, or a YAML path)
   evaluate MODEL [--split S]    metrics of a run directory or Hub id on a task split
   predict MODEL [--split S]     write predictions (with label names) for a split
+  merge RUN_DIR [--output_dir D] merge a LoRA run's adapter into its base model (a full-model run copy)
   push RUN_DIR [--dry_run]      upload a finished run to the Hub with a model card
   glue --model_name_or_path X   fine-tune and evaluate on the GLUE tasks, write tables and a submission
   tune [RECIPE] [--n_trials N]  hyperparameter search (optuna), resumable; writes the best settings as a recipe
@@ -217,6 +218,29 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse whose errors are one `finetune: error:` line and exit code 2 (no usage block)."""
+
+    def error(self, message: str):
+        raise FinetuneError(f"{self.prog}: {message}")
+
+
+def cmd_merge(argv: list[str]) -> int:
+    parser = OneLineErrors(
+        prog="finetune merge", description="Merge a LoRA run's adapter into its base model and save the full model."
+    )
+    parser.add_argument("run_dir", help="run directory holding adapter_config.json and adapter_model.safetensors")
+    parser.add_argument("--output_dir", default=None, help="where the merged run goes (default: RUN_DIR-merged)")
+    parser.add_argument("--hub_mirror", default=None, help="offline mirror for the base model (see train --help)")
+    options = parser.parse_args(argv)
+    from finetune import mirror, pipeline
+
+    mirror.use_mirror(options.hub_mirror)
+    out = pipeline.merge(options.run_dir, options.output_dir)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def cmd_push(argv: list[str]) -> int:
     from finetune.glue.report import GLUE_FOLDER
     from finetune.hub import push
@@ -264,6 +288,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "predict": cmd_predict,
+    "merge": cmd_merge,
     "push": cmd_push,
     "glue": cmd_glue,
     "tune": cmd_tune,

@@ -1,9 +1,9 @@
 """Typed run configuration: recipes (YAML), command-line overrides, and the resolved config file.
 
-Six dataclasses describe a run. Their field docs (``metadata["help"]``) are the ``--help`` text, and
-flag names follow ``run_glue.py`` and ``TrainingArguments`` so that users' habits carry over. A recipe
-is a YAML file with one section per dataclass (``model``, ``data``, ``training``, ``hub``,
-``generation``, ``tune``); values from the command line override it.
+Seven dataclasses describe a run. Their field docs (``metadata["help"]``) are the ``--help`` text, and
+flag names follow ``run_glue.py``, ``TrainingArguments`` and (for LoRA) trl's ``ModelConfig`` so that users'
+habits carry over. A recipe is a YAML file with one section per dataclass (``model``, ``data``, ``training``,
+``hub``, ``generation``, ``tune``, ``peft``); values from the command line override it.
 """
 
 from __future__ import annotations
@@ -254,6 +254,47 @@ class TuneConfig:
         check_section(self)  # finetune/validation.py: every field's rule, before anything is loaded
 
 
+@dataclass
+class PeftSettings:
+    """Parameter-efficient fine-tuning with peft's LoRA (names follow trl's ModelConfig and peft's LoraConfig)."""
+
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (peft) instead of every weight; the run saves the adapter."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r (LoraConfig.r).", "aliases": ["--r"]})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input during training."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "Modules that get LoRA: 'all-linear' (every linear layer except the output layer and the task "
+            "head) or module names such as q_proj v_proj (LoraConfig.target_modules).",
+            "aliases": ["--target_modules"],
+        },
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full and saved with the adapter, besides the ones added automatically (the "
+            "classification head and any weight the checkpoint lacks) (LoraConfig.modules_to_save).",
+            "aliases": ["--modules_to_save"],
+        },
+    )
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale by alpha/sqrt(r)."})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes; CUDA only)."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the frozen base weights in 8-bit (bitsandbytes; CUDA only)."}
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "After training, merge the adapter into the base weights and save the full model instead."},
+    )
+
+
 def _training_default(name: str, value: Any, help: str | None = None) -> Any:
     """A TrainingArguments field with our default and, optionally, our help text."""
     parent = TrainingArguments.__dataclass_fields__[name]
@@ -330,6 +371,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "hub": HubConfig,
     "generation": GenerationSettings,
     "tune": TuneConfig,
+    "peft": PeftSettings,
 }
 RESOLVED_CONFIG_NAME = "finetune_config.yaml"
 #: hub_strategy values with which the Trainer pushes during training (``end``: finetune pushes once, after it)
@@ -350,6 +392,7 @@ class RunConfig:
     explicit: frozenset[str] = frozenset()  # fields the recipe or the command line set
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    peft: PeftSettings = field(default_factory=PeftSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Sections as plain YAML-able values; token fields are redacted by TrainingArguments."""
@@ -362,6 +405,7 @@ class RunConfig:
             "hub": dataclasses.asdict(self.hub),
             "generation": dataclasses.asdict(self.generation),
             "tune": dataclasses.asdict(self.tune),
+            "peft": dataclasses.asdict(self.peft),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -457,11 +501,23 @@ def read_recipe(path: Path) -> dict[str, Any]:
         if not isinstance(values, dict):
             raise FinetuneError(f"section '{section}' of recipe {path} must be a mapping of field: value")
         known = {f.name for f in dataclasses.fields(CONFIG_SECTIONS[section])}
+        aliases = field_aliases()
         for key, value in values.items():
+            key = aliases.get(key, key) if aliases.get(key) in known else key
             if key not in known:
                 raise FinetuneError(f"unknown key '{key}' in section '{section}' of recipe {path}")
             flat[key] = value
     return flat
+
+
+def field_aliases() -> dict[str, str]:
+    """Alternative flag names (without dashes) -> field name, e.g. peft's ``r`` for trl's ``lora_r``."""
+    return {
+        alias.lstrip("-"): f.name
+        for section in CONFIG_SECTIONS.values()
+        for f in dataclasses.fields(section)
+        for alias in f.metadata.get("aliases", [])
+    }
 
 
 def _as_default(value: Any) -> Any:
@@ -493,7 +549,9 @@ def parse_run_config(
     namespace, unused = parser.parse_known_args(args=list(argv or []))
     if unused:
         raise FinetuneError(f"invalid setting: some arguments are not settings: {' '.join(unused)}")
-    explicit = set(given) | {arg[2:].split("=")[0] for arg in argv or [] if arg.startswith("--")}
+    aliases = field_aliases()  # --r is lora_r
+    explicit = set(given) | {aliases.get(name, name) for name in (arg[2:].split("=")[0] for arg in argv or []
+                                                                  if arg.startswith("--"))}
     values = {**vars(namespace), **derived_settings(vars(namespace), explicit, recipe)}
     try:
         sections = {
@@ -502,7 +560,32 @@ def parse_run_config(
         }
     except (ValueError, TypeError) as error:
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
+    check_peft_settings(sections["peft"], explicit)
     return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))
+
+
+def check_peft_settings(peft: PeftSettings, explicit: set[str]) -> None:
+    """Refuse LoRA settings that cannot work, before anything is loaded."""
+    if not peft.use_peft:
+        defaults = PeftSettings()
+        given = sorted(explicit & {f.name for f in dataclasses.fields(PeftSettings)} - {"use_peft"})
+        given = [name for name in given if getattr(peft, name) != getattr(defaults, name)]
+        if given:
+            raise FinetuneError(f"{given[0]} is a LoRA setting, but use_peft is false; add --use_peft true")
+        return
+    if peft.lora_r <= 0:
+        raise FinetuneError(f"lora_r (LoRA rank) must be a positive integer, got {peft.lora_r}")
+    if peft.lora_alpha <= 0:
+        raise FinetuneError(f"lora_alpha must be positive, got {peft.lora_alpha}")
+    if not 0 <= peft.lora_dropout < 1:
+        raise FinetuneError(f"lora_dropout must be in [0, 1), got {peft.lora_dropout}")
+    if not peft.lora_target_modules:
+        raise FinetuneError("lora_target_modules is empty; use all-linear or module names such as q_proj v_proj")
+    if peft.load_in_4bit and peft.load_in_8bit:
+        raise FinetuneError("load_in_4bit and load_in_8bit exclude each other; choose one")
+    if (peft.load_in_4bit or peft.load_in_8bit) and not torch.cuda.is_available():
+        flag = "load_in_4bit" if peft.load_in_4bit else "load_in_8bit"
+        raise FinetuneError(f"{flag} (QLoRA) needs a CUDA GPU (bitsandbytes); none is available here")
 
 
 def derived_settings(values: dict[str, Any], explicit: set[str], recipe: str | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
 
+from finetune import adapters
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
 from finetune.config import INFERENCE_SETTINGS, RunConfig
 from finetune.errors import FinetuneError, Preempted
@@ -119,7 +120,7 @@ def prepare_training(config: RunConfig) -> PreparedRun:
     changes = settings_from_data(config, task, eval_splits)
     if changes:
         config.replace_training(**changes)
-    model = task.load_model(tokenizer)
+    model = trainable_model(task.load_model(tokenizer), config)
     trainer = task.build_trainer(
         model, tokenizer, tokenized["train"], eval_dataset_arg(tokenized, eval_splits), run_callbacks(config)
     )
@@ -145,11 +146,29 @@ def train(config: RunConfig) -> dict[str, Any]:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     trainer.save_state()
+    out = Path(config.training.output_dir)
+    if adapters.is_peft_model(trainer.model) and trainer.is_world_process_zero():
+        adapters.save_model_files(trainer.model, out)
     metrics: dict[str, Any] = {"train": clean(result.metrics), "eval": {}}
+    metrics["parameters"] = adapters.parameter_counts(trainer.model)
+    # Evaluated with the adapter as trained; merging changes the float rounding, not the model.
     metrics["eval"] = evaluate_splits(run.task, trainer, run.raw, run.tokenized, run.eval_splits)
     if trainer.is_world_process_zero():
-        write_json(Path(config.training.output_dir) / METRICS_FILE, metrics)
+        write_json(out / METRICS_FILE, metrics)
+        if config.peft.merge_adapter:
+            adapters.write_merged_model(trainer.model, out)
     return metrics
+
+
+def trainable_model(model: Any, config: RunConfig) -> Any:
+    """The model to train: with a fresh LoRA adapter under use_peft; a saved adapter run is merged first."""
+    if config.peft.use_peft:
+        return adapters.with_new_adapter(
+            model, config.peft, config.model.model_name_or_path, config.training.gradient_checkpointing
+        )
+    if adapters.is_peft_model(model):
+        return adapters.merged(model)
+    return model
 
 
 def evaluate_splits(
@@ -229,3 +248,32 @@ def clean(values: dict[str, Any]) -> dict[str, Any]:
 def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def merge(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``finetune merge``: a copy of an adapter run whose model is the merged full model.
+
+    The copy is a run directory like any other (settings, metrics, tokenizer, predictions), so evaluate,
+    predict and push take it unchanged.
+    """
+    import transformers
+
+    from finetune import modeling
+    from finetune.config import ModelConfig
+
+    run_dir = Path(run_dir)
+    if not adapters.is_adapter_dir(run_dir):
+        raise FinetuneError(f"{run_dir} holds no LoRA adapter ({adapters.ADAPTER_CONFIG}); nothing to merge")
+    out = Path(out) if out else run_dir.with_name(run_dir.name + "-merged")
+    if out.resolve() == run_dir.resolve():
+        raise FinetuneError("finetune merge writes a new run directory; give an --output_dir other than the run")
+    if out.is_dir() and any(out.iterdir()):
+        raise FinetuneError(f"output_dir {out} is not empty; choose another --output_dir")
+    config_file = run_dir / "config.json"
+    architectures = json.loads(config_file.read_text()).get("architectures") if config_file.is_file() else None
+    if not architectures or not hasattr(transformers, architectures[0]):
+        raise FinetuneError(f"{config_file} does not name the model class (architectures); cannot merge")
+    model = modeling.load_model(getattr(transformers, architectures[0]), ModelConfig(model_name_or_path=str(run_dir)))
+    adapters.copy_run_files(run_dir, out)
+    adapters.merged(model).save_pretrained(out)
+    return out

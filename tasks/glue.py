@@ -19,7 +19,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from transformers import AutoModelForSequenceClassification, EvalPrediction, PretrainedConfig, Trainer
 from transformers.trainer_utils import PredictionOutput
 
-from finetune import data, metrics, modeling
+from finetune import adapters, data, metrics, modeling
 from finetune.errors import FinetuneError
 from finetune.task import FinetuneTrainer, Task
 
@@ -274,12 +274,14 @@ class GlueTask(Task):
     def load_model(self, tokenizer):
         if self.head_kwargs is None:
             raise RuntimeError("load_raw_datasets must run before load_model")
-        model = modeling.load_model(AutoModelForSequenceClassification, self.config.model, **self.head_kwargs)
+        model = modeling.load_model(
+            AutoModelForSequenceClassification, self.config.model, self.config.peft, **self.head_kwargs
+        )
         modeling.align_pad_token(model, tokenizer)
         # The classification loss is a per-batch mean that ignores `num_items_in_batch`, but its forward takes
         # **kwargs, so the Trainer (5.x, average_tokens_across_devices) would multiply it by the process
         # count: N processes would report N x the train and eval loss (and scale the gradients).
-        model.accepts_loss_kwargs = False
+        adapters.base_of(model).accepts_loss_kwargs = False
         return model
 
     def trainer(self, **kwargs: Any) -> Trainer:

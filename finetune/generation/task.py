@@ -167,16 +167,12 @@ class GenerationTask(Task):
             raise RuntimeError("load_tokenizer must run before load_model")
         model_cfg = self.config.model
         if self.kind is ModelKind.DECODER_ONLY:
-            model = modeling.load_model(AutoModelForCausalLM, model_cfg)
+            model = modeling.load_model(AutoModelForCausalLM, model_cfg, self.config.peft)
         elif self.kind is ModelKind.BERT2BERT and modeling.load_config(model_cfg).model_type != "encoder-decoder":
-            model = mirror.load_or_explain(
-                lambda path: EncoderDecoderModel.from_encoder_decoder_pretrained(path, path),
-                model_cfg.model_name_or_path,
-                "models",
-            )
+            model = mirror.load_or_explain(modeling.warm_started_bert2bert, model_cfg.model_name_or_path, "models")
             bert2bert_special_tokens(model, tokenizer)
         else:
-            model = modeling.load_model(AutoModelForSeq2SeqLM, model_cfg)
+            model = modeling.load_model(AutoModelForSeq2SeqLM, model_cfg, self.config.peft)
         self.configure_generation(model, tokenizer)
         return model
 

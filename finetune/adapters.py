@@ -1,0 +1,265 @@
+"""LoRA, DoRA and QLoRA through peft: wrap a loaded model, reload a saved adapter, merge it.
+
+A LoRA run trains low-rank updates of the frozen base weights plus, in full, every module that the
+base checkpoint does not provide: the classification head (``classifier``/``score``, which peft's
+SEQ_CLS task type adds itself) and any other freshly initialised weight (BERT's pooler, DistilBERT's
+``pre_classifier``, DeBERTa's pooler). Those go into ``modules_to_save`` so that they are saved with the
+adapter; a module left out would come back with new random weights when the adapter is reloaded, and the
+reloaded model would score differently from the one that was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # config imports the task registry, whose families load models through this module
+    from finetune.config import PeftSettings
+
+#: the resolved config a run writes (config.RESOLVED_CONFIG_NAME; not imported from there: config imports the
+#: task registry, whose families load models through this module)
+RUN_CONFIG_NAME = "finetune_config.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: the attributes transformers' sequence-classification models keep their head in
+HEAD_NAMES = ("classifier", "score")
+ALL_LINEAR = "all-linear"
+#: attribute the model loader sets on a freshly loaded model: parameters the checkpoint did not provide
+NEW_WEIGHTS_ATTRIBUTE = "finetune_new_weights"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_peft_model(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def base_of(model: Any) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: quantized bases (QLoRA) and saved adapters
+# ---------------------------------------------------------------------------------------------------------
+
+
+def quantization_kwargs(settings: PeftSettings | None) -> dict[str, Any]:
+    """from_pretrained kwargs that load the frozen base in 4 or 8 bits (bitsandbytes), or nothing."""
+    if settings is None or not (settings.load_in_4bit or settings.load_in_8bit):
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FinetuneError("load_in_4bit/load_in_8bit need bitsandbytes: pip install 'finetune[qlora]'") from None
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    if settings.load_in_4bit:
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+        )
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    # Quantized weights are placed at load time: each process loads onto its own GPU.
+    return {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index}}
+
+
+def saved_base_model(run_dir: Path) -> dict[str, Any]:
+    """The base checkpoint of a saved adapter: the run's model settings, else what adapter_config.json names."""
+    saved = run_dir / RUN_CONFIG_NAME
+    document = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    model = {k: v for k, v in document.get("model", {}).items() if v is not None}
+    if model.get("model_name_or_path"):
+        return model
+    adapter = json.loads((run_dir / ADAPTER_CONFIG).read_text())
+    base = adapter.get("base_model_name_or_path")
+    if not base:
+        raise FinetuneError(f"{run_dir / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path)")
+    return {"model_name_or_path": base, **({"revision": adapter["revision"]} if adapter.get("revision") else {})}
+
+
+def with_saved_adapter(base: PreTrainedModel, run_dir: Path) -> Any:
+    """``base`` with the adapter (and the fully trained modules) saved in ``run_dir``, for inference."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(run_dir), is_trainable=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: a fresh adapter on a loaded model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def peft_task_type(model: PreTrainedModel) -> str:
+    """peft's task type for a transformers model: what its forward takes and returns."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if model.config.is_encoder_decoder or name == "EncoderDecoderModel":
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM"
+
+
+def module_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
+
+
+def matches(name: str, wanted: str) -> bool:
+    """peft's rule for target module names: the full name, or its last dotted parts."""
+    return name == wanted or name.endswith("." + wanted)
+
+
+def check_module_names(model: torch.nn.Module, wanted: list[str], setting: str) -> None:
+    """Every name given must name a module of the model (one-line error otherwise)."""
+    names = module_names(model)
+    for item in wanted:
+        if item == ALL_LINEAR and setting == "lora_target_modules":
+            continue
+        if not any(matches(name, item) for name in names):
+            linear = sorted({name.rsplit(".", 1)[-1] for name in linear_module_names(model)})
+            raise FinetuneError(
+                f"{setting}: the model ({type(model).__name__}) has no module named '{item}'; its linear modules "
+                f"are named {', '.join(linear[:12])}{', ...' if len(linear) > 12 else ''} (or use all-linear)"
+            )
+
+
+def new_weight_modules(model: PreTrainedModel, task_type: str) -> list[str]:
+    """Modules holding parameters the checkpoint did not provide (randomly initialised), outside the head."""
+    parameters = dict(model.named_parameters())
+    owners = {key.rsplit(".", 1)[0] for key in getattr(model, NEW_WEIGHTS_ATTRIBUTE, ()) if key in parameters
+              and "." in key}
+    heads = [name for name in HEAD_NAMES if hasattr(model, name)] if task_type == "SEQ_CLS" else []
+    return sorted(owner for owner in owners if not any(owner == h or owner.startswith(h + ".") for h in heads))
+
+
+def saved_in_full(model: PreTrainedModel, settings: PeftSettings, task_type: str) -> tuple[list[str], list[str]]:
+    """(modules_to_save, linear modules that must not also get LoRA because they are trained in full)."""
+    wanted = list(settings.lora_modules_to_save or []) + new_weight_modules(model, task_type)
+    if task_type == "SEQ_CLS":  # peft adds these itself; named here to keep LoRA off them
+        wanted += [name for name in HEAD_NAMES if hasattr(model, name)]
+    # peft wraps every module whose name ends with an entry; drop entries inside a module already wrapped.
+    names = module_names(model)
+    wrapped = [name for name in names if any(name.endswith(entry) for entry in wanted)]
+    outer = [name for name in wrapped if not any(name.startswith(other + ".") for other in wrapped)]
+    keep = sorted({entry for entry in wanted if any(name.endswith(entry) for name in outer)})
+    inside = [name for name in linear_module_names(model) if any(name == o or name.startswith(o + ".") for o in outer)]
+    return keep, inside
+
+
+def lora_config(model: PreTrainedModel, settings: PeftSettings, task_type: str) -> Any:
+    from peft import LoraConfig
+
+    targets = settings.lora_target_modules
+    keep, inside = saved_in_full(model, settings, task_type)
+    return LoraConfig(
+        task_type=task_type,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else list(targets),
+        modules_to_save=keep or None,
+        exclude_modules=inside or None,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
+    )
+
+
+def with_new_adapter(model: Any, settings: PeftSettings, base_name: str, gradient_checkpointing: bool = False) -> Any:
+    """``model`` wrapped by peft with a fresh LoRA adapter; only the adapter and the full modules train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_peft_model(model):  # starting from a saved adapter: its update becomes part of the base
+        model = model.merge_and_unload()
+    targets = [t for item in settings.lora_target_modules for t in str(item).split(",") if t]
+    settings = dataclasses.replace(settings, lora_target_modules=targets)
+    check_module_names(model, targets, "lora_target_modules")
+    check_module_names(model, list(settings.lora_modules_to_save or []), "lora_modules_to_save")
+    if settings.load_in_4bit or settings.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    task_type = peft_task_type(model)
+    config = lora_config(model, settings, task_type)
+    try:
+        wrapped = get_peft_model(model, config)
+    except (ValueError, TypeError) as error:
+        raise FinetuneError(f"LoRA cannot be applied: {str(error).splitlines()[0]}") from None
+    # The saved adapter names the checkpoint users know (a Hub id), not a local cache path.
+    wrapped.peft_config["default"].base_model_name_or_path = base_name
+    return wrapped
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Trainable and total parameters (what the model card reports)."""
+    if is_peft_model(model):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": int(trainable), "total": int(total)}
+
+
+def adapter_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """The adapter settings saved in a run (adapter_config.json), or None for a full model."""
+    path = Path(run_dir) / ADAPTER_CONFIG
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving and merging
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_model_files(model: Any, out: Path) -> None:
+    """Beside the adapter, the fine-tuned model's config (labels, pad token) and generation config.
+
+    The adapter files say how to change the base weights; these say what the model is (its head's labels
+    for ``finetune evaluate``, how it generates), as in a full run.
+    """
+    base = base_of(model)
+    base.config.architectures = [type(base).__name__]  # what save_pretrained of the full model would record
+    base.config.save_pretrained(out)
+    generation = getattr(base, "generation_config", None)
+    if generation is not None and base.can_generate():
+        generation.save_pretrained(out)
+
+
+def merged(model: Any) -> PreTrainedModel:
+    """The adapter folded into the base weights: a plain transformers model with no peft layers."""
+    return model.merge_and_unload()
+
+
+def write_merged_model(model: Any, out: Path) -> None:
+    """Replace the adapter files in ``out`` with the merged full model (config, weights)."""
+    full = merged(model)
+    full.save_pretrained(out)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        (out / name).unlink(missing_ok=True)
+
+
+def copy_run_files(run_dir: Path, out: Path) -> None:
+    """What makes ``out`` a run directory besides the model: settings, metrics, tokenizer, predictions."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in run_dir.iterdir():
+        if path.is_file() and path.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"):
+            shutil.copy2(path, out / path.name)
+
