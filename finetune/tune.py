@@ -29,7 +29,7 @@ from transformers import Trainer
 from finetune.callbacks import EpochSeededSampler, NonFiniteLoss, StopOnNonFiniteLoss
 from finetune.config import CONFIG_SECTIONS, RunConfig, TuneConfig, recipe_path
 from finetune.errors import FinetuneError
-from finetune.pipeline import build_task, eval_dataset_arg, tokenized_splits
+from finetune.pipeline import build_task, eval_dataset_arg, tokenized_splits, trainable_model
 
 STUDY_FILE = "tune.db"
 RESULTS_CSV = "tune_results.csv"
@@ -199,7 +199,7 @@ def tune(config: RunConfig) -> TuneResult:
         raise FinetuneError("finetune tune needs a train and a validation split to score trials on")
 
     def model_init(trial=None):
-        return task.load_model(tokenizer)
+        return trainable_model(task.load_model(tokenizer), config)  # with a fresh LoRA adapter under use_peft
 
     trainer = task.build_trainer(
         None, tokenizer, tokenized["train"], eval_dataset_arg(tokenized, eval_splits), trial_callbacks(config),

@@ -7,12 +7,15 @@ is not saved with the adapter comes back with new random weights and scores diff
 
 from __future__ import annotations
 
+import math
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SAMPLES, read_json, read_jsonl
 from safetensors.torch import load_file
+from test_publish import hub  # noqa: F401  (fixture: HfApi stubbed, a fake token)
 
 from finetune.cli import main
 
@@ -222,6 +225,167 @@ def test_merge_adapter_flag_saves_the_merged_decoder(tiny_model_dir, tmp_path: P
     assert read_json(out / "eval_results.json")["validation"]["rouge1"] == trained["rouge1"]
 
 
+# -- the model card ---------------------------------------------------------------------------------------------
+
+
+def test_card_of_an_adapter_and_of_its_merged_model(hub, tiny_model_dir, tmp_path: Path, capsys) -> None:  # noqa: F811
+    from huggingface_hub.repocard import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    out = tmp_path / "run"
+    argv = ["--push_to_hub", "true", "--hub_model_id", "me/tiny-lora", "--lora_target_modules", "q_proj,v_proj"]
+    assert train(tiny_model_dir("llama"), out, "glue-mrpc", *LORA, *argv) == 0
+    _, (_, operations), _ = hub.calls[-1]
+    uploaded = {op.path_in_repo for op in operations}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "README.md"} <= uploaded
+    assert "model.safetensors" not in uploaded
+
+    metadata = metadata_load(out / "README.md")
+    assert metadata["library_name"] == "peft" and {"peft", "lora"} <= set(metadata["tags"])
+    _, results = model_index_to_eval_results(metadata["model-index"])
+    assert {r.metric_type for r in results} == {"f1", "accuracy"}
+    text = (out / "README.md").read_text()
+    counts = read_json(out / "metrics.json")["parameters"]
+    assert f"| trainable parameters | {counts['trainable']:,} of {counts['total']:,}" in text
+    assert "| lora_r | 4 |" in text and "| lora_alpha | 8 |" in text
+    assert "| lora_target_modules | q_proj, v_proj |" in text
+    assert "| lora_modules_to_save | score |" in text
+    assert "--use_peft true --lora_r 4 --lora_alpha 8 --lora_target_modules q_proj,v_proj" in text  # reproduce
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out), "--output_dir", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["push", str(merged), "--dry_run", "--hub_model_id", "me/tiny-lora-merged"]) == 0
+    shown = capsys.readouterr().out
+    assert "library_name: transformers" in shown and "merged into the base weights" in shown
+    assert "model.safetensors" in shown and "adapter_model.safetensors" not in shown
+
+
+# -- resume, several processes, GLUE runner, accumulation, bf16 ----------------------------------------------------
+
+RESUME = [
+    *LORA, "--max_train_samples", "48", "--max_eval_samples", "16", "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "16", "--max_steps", "24", "--learning_rate", "3e-3", "--logging_steps", "1",
+    "--eval_strategy", "steps", "--eval_steps", "12", "--save_strategy", "steps", "--save_steps", "12",
+    "--seed", "11", "--disable_tqdm", "true",
+]
+
+
+def test_lora_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_fault_tolerance import child_env, read_until_step, step_losses, train_argv
+
+    from finetune.callbacks import last_complete_checkpoint
+    from finetune.errors import PREEMPTED_EXIT_CODE
+
+    model, whole, stopped = tiny_model_dir("llama"), tmp_path / "whole", tmp_path / "stopped"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels as the child process (OMP_NUM_THREADS=1)
+    try:
+        assert main(train_argv(model, whole, *RESUME)) == 0
+        process = subprocess.Popen(
+            [sys.executable, "-m", "finetune", *train_argv(model, stopped, *RESUME)],
+            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        )
+        seen: list[str] = []
+        try:
+            read_until_step(process, 3, seen)
+            process.send_signal(signal.SIGTERM)
+            rest, _ = process.communicate(timeout=180)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == PREEMPTED_EXIT_CODE, ("".join(seen) + rest)[-3000:]
+        checkpoint = Path(last_complete_checkpoint(stopped) or "")
+        step = int(checkpoint.name.split("-")[1])
+        assert 3 <= step < 12
+        assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+
+        assert main(train_argv(model, stopped, *RESUME, "--resume_from_checkpoint", "last")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    expected, resumed = step_losses(whole), step_losses(stopped)
+    assert sorted(resumed) == list(range(1, 25))
+    for later in range(step + 1, 25):
+        assert resumed[later] == pytest.approx(expected[later], rel=1e-6, abs=1e-7), later
+    a, b = (load_file(str(run / "adapter_model.safetensors")) for run in (whole, stopped))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+    final = [read_json(run / "metrics.json")["eval"]["validation"] for run in (whole, stopped)]
+    assert final[0]["accuracy"] == final[1]["accuracy"] and final[0]["f1"] == final[1]["f1"]
+
+
+@pytest.mark.distributed
+def test_lora_on_two_processes_trains_once_and_saves_one_adapter(tiny_model_dir, tmp_path: Path) -> None:
+    from test_distributed import EVAL_SAMPLES, TRAIN_ARGS, accelerate_launch
+
+    run = tmp_path / "run"
+    done = accelerate_launch(
+        ["train", "glue-mrpc", "--model_name_or_path", str(tiny_model_dir("bert")), "--output_dir", str(run),
+         *TRAIN_ARGS, *LORA],
+        tmp_path / "datasets-cache",
+    )
+    assert done.stdout.count("run saved to") == 1
+    assert read_json(run / "trainer_state.json")["global_step"] == 4  # 64 examples / (8 x 2 processes)
+    assert (run / "adapter_model.safetensors").is_file() and not (run / "model.safetensors").exists()
+    during_training = read_json(run / "metrics.json")["eval"]["validation"]
+    assert during_training["examples"] == EVAL_SAMPLES
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # one process, the saved adapter: the same task metrics as the two processes at the end of training
+        assert main(["evaluate", str(run), "--output_dir", str(tmp_path / "one"), "--per_device_eval_batch_size",
+                     "8"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    single = read_json(tmp_path / "one" / "eval_results.json")["validation"]
+    for name in ("accuracy", "f1", "examples"):
+        assert single[name] == during_training[name], name
+
+
+def test_glue_runner_trains_lora_adapters_and_predicts_with_them(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "glue"
+    short = ["--max_train_samples", "16", "--max_eval_samples", "16", "--max_predict_samples", "10",
+             "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3"]
+    argv = ["glue", "--model_name_or_path", str(tiny_model_dir("bert")), "--tasks", "rte,stsb", "--output_dir",
+            str(out), *short, *LORA]
+    assert main(argv) == 0
+    tasks = read_json(out / "glue_results.json")["tasks"]
+    assert {name: task["status"] for name, task in tasks.items()} == {"stsb": "done", "rte": "done"}
+    for task in tasks.values():
+        run = out / task["best_run"]
+        assert (run / "adapter_model.safetensors").is_file() and not (run / "model.safetensors").exists()
+    with zipfile.ZipFile(out / "glue_submission.zip") as archive:
+        rows = {name: archive.read(name).decode().strip().splitlines() for name in archive.namelist()}
+    assert set(rows) == {"RTE.tsv", "STS-B.tsv"} and all(len(lines) == 11 for lines in rows.values())
+    capsys.readouterr()
+    assert main(["push", str(out), "--dry_run", "--hub_model_id", "me/glue-lora"]) == 0
+    shown = capsys.readouterr().out
+    assert "library_name: peft" in shown and "rte/adapter_model.safetensors" in shown
+
+
+def test_lora_with_gradient_accumulation_and_bf16(tiny_model_dir, tmp_path: Path) -> None:
+    source = tiny_model_dir("llama")
+    accumulated = tmp_path / "accumulated"
+    assert train(source, accumulated, "glue-mrpc", *LORA, "--gradient_accumulation_steps", "2") == 0
+    assert read_json(accumulated / "trainer_state.json")["global_step"] == 3  # 48 / (8 x 2)
+    trained = read_json(accumulated / "metrics.json")["eval"]["validation"]
+    assert main(["evaluate", str(accumulated), "--max_eval_samples", "40", "--per_device_eval_batch_size", "16"]) == 0
+    reloaded = read_json(accumulated / "eval_results.json")["validation"]
+    assert (reloaded["accuracy"], reloaded["loss"]) == (trained["accuracy"], trained["loss"])
+
+    mixed = tmp_path / "bf16"
+    assert train(source, mixed, "glue-mrpc", *LORA, "--bf16", "true") == 0
+    losses = [e["loss"] for e in read_json(mixed / "trainer_state.json")["log_history"] if "loss" in e]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    saved = load_file(str(mixed / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in saved.values())  # autocast computes in bf16; weights stay fp32
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
 def test_adapters_reads_the_file_the_run_config_is_saved_to() -> None:
     from finetune import adapters
     from finetune.config import RESOLVED_CONFIG_NAME

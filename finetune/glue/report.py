@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from huggingface_hub import HfApi, ModelCard
 
+from finetune import adapters
 from finetune.glue import CHART, RESULTS_JSON, RESULTS_MD, SUBMISSION_ZIP, TaskResult
 from finetune.glue.submission import write_submission
 from finetune.hub import card as cards
@@ -139,6 +140,9 @@ def model_card(out: Path, repo_id: str, api: HfApi | None) -> ModelCard:
         for split, values in task["metrics"].items()
         for metric, stats in values.items()
     ]
+    # Tasks trained with --use_peft upload LoRA adapters (each task's best run under <task>/).
+    lora = any(adapters.is_adapter_dir(out / task["best_run"]) for task in document["tasks"].values()
+               if task.get("best_run"))
     return cards.model_card(
         GLUE_CARD_BODY,
         name=repo_id.split("/")[-1],
@@ -146,10 +150,11 @@ def model_card(out: Path, repo_id: str, api: HfApi | None) -> ModelCard:
         name_or_path=model,
         datasets=[GLUE_DATASET],
         pipeline_tag="text-classification",
-        tags=["finetune", "glue"],
+        tags=["finetune", "glue", *(["peft", "lora"] if lora else [])],
         results=results,
         command=document["command"],
         api=api,
+        library_name="peft" if lora else "transformers",
         repo_id=repo_id,
         source=f"[{base}](https://huggingface.co/{base})" if base else f"`{model}`",
         table=(out / RESULTS_MD).read_text().split("\n", 2)[-1].strip(),

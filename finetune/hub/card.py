@@ -58,7 +58,11 @@ RUN_CARD_BODY = """{{ summary }}
 ## Results
 
 {{ results_table }}
-{% if curves %}
+{% if adapter %}
+## LoRA adapter
+
+{{ adapter }}
+{% endif %}{% if curves %}
 ## Training curves
 
 ![Training loss and evaluation metric]({{ curves }})
@@ -87,6 +91,7 @@ def model_card(
     results: list[EvalResult],
     command: str,
     api: HfApi | None,
+    library_name: str = "transformers",
     **fields: Any,
 ) -> ModelCard:
     """A card from ``body`` (a jinja template) between the common head and footer."""
@@ -95,7 +100,7 @@ def model_card(
         base_model=base,
         datasets=datasets,
         license=base_license(base, name_or_path, api),
-        library_name="transformers",
+        library_name=library_name,
         pipeline_tag=pipeline_tag,
         tags=tags,
         metrics=sorted({r.metric_type for r in results}) or None,
@@ -180,12 +185,17 @@ def run_card(run_dir: Path, saved: dict, repo_id: str, api: HfApi | None) -> Mod
     model, data = saved.get("model", {}), saved.get("data", {})
     task = describe_task(data)
     base = base_model_id(model.get("model_name_or_path"))
-    evaluated = json.loads((run_dir / "metrics.json").read_text()).get("eval", {})
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    evaluated = metrics.get("eval", {})
     curves = write_training_curves(run_dir, saved)
     trained_on = f"[{task.dataset}](https://huggingface.co/datasets/{task.dataset})" if task.dataset else "local files"
     if task.config_name:
         trained_on += f" (`{task.config_name}`)"
     source = f"[{base}](https://huggingface.co/{base})" if base else f"`{model.get('model_name_or_path')}`"
+    lora = lora_description(run_dir, saved, metrics)
+    summary = f"{source} fine-tuned on {trained_on} for {task.hub_task_type} with `finetune` (transformers `Trainer`)"
+    if lora is not None:
+        summary += lora.summary
     return model_card(
         RUN_CARD_BODY,
         name=repo_id.split("/")[-1],
@@ -193,16 +203,56 @@ def run_card(run_dir: Path, saved: dict, repo_id: str, api: HfApi | None) -> Mod
         name_or_path=model.get("model_name_or_path"),
         datasets=[task.dataset] if task.dataset else None,
         pipeline_tag=task.hub_task_type,
-        tags=[tag for tag in ("finetune", task.family, task.task_name) if tag],
+        tags=[tag for tag in ("finetune", task.family, task.task_name, *(lora.tags if lora else ())) if tag],
         results=eval_results(task, evaluated),
         command=reproduce_command(saved),
         api=api,
-        summary=f"{source} fine-tuned on {trained_on} for {task.hub_task_type} with "
-        "`finetune` (transformers `Trainer`).",
+        library_name=lora.library if lora else "transformers",
+        summary=summary + ".",
         results_table=results_table(evaluated, task.metrics),
+        adapter=lora.table if lora else None,
         curves=curves.name if curves else None,
         hyperparameters=hyperparameters_table(saved),
     )
+
+
+#: adapter_config.json keys shown on the card, with the names the flags use
+ADAPTER_SETTINGS = (
+    ("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
+    ("target_modules", "lora_target_modules"), ("modules_to_save", "lora_modules_to_save"),
+    ("use_dora", "use_dora"), ("use_rslora", "use_rslora"), ("task_type", None),
+)
+
+
+def lora_description(run_dir: Path, saved: dict, metrics: dict) -> SimpleNamespace | None:
+    """What the card says about a LoRA run (an adapter, or an adapter merged into the weights); None otherwise."""
+    from finetune import adapters
+
+    adapter = adapters.adapter_summary(run_dir)
+    settings = saved.get("peft", {})
+    if adapter is None and not settings.get("use_peft"):
+        return None
+    rows = []
+    for key, flag in ADAPTER_SETTINGS:
+        value = adapter.get(key) if adapter is not None else settings.get(flag) if flag else None
+        if isinstance(value, (list, tuple, set)):
+            value = ", ".join(sorted(map(str, value))) if len(value) <= 12 else f"{len(value)} modules"
+        if value not in (None, False, ""):
+            rows.append(f"| {flag or key} | {value} |")
+    counts = metrics.get("parameters") or {}
+    if counts.get("trainable") and counts.get("total"):
+        share = 100 * counts["trainable"] / counts["total"]
+        rows.append(f"| trainable parameters | {counts['trainable']:,} of {counts['total']:,} ({share:.2f}%) |")
+    if adapter is not None:
+        summary = (": a LoRA adapter trained with `peft` (the base weights stay frozen). Load it with "
+                   "`peft.AutoPeftModel...from_pretrained` or `finetune evaluate`; `finetune merge` folds it into the "
+                   "base weights")
+        library, tags = "peft", ("peft", "lora")
+    else:
+        summary = ": a LoRA adapter trained with `peft`, merged into the base weights (a full model)"
+        library, tags = "transformers", ("lora",)
+    table = "\n".join(["| setting | value |", "|---|---|", *rows])
+    return SimpleNamespace(summary=summary, library=library, tags=tags, table=table)
 
 
 def describe_task(data: dict) -> SimpleNamespace:
@@ -296,7 +346,7 @@ def reproduce_command(saved: dict) -> str:
     # A run picks its task's metric for the best checkpoint by itself; only another choice is a flag.
     settled = saved.get("training", {}).get("metric_for_best_model") == describe_task(saved.get("data", {})).best_metric
     flags: list[str] = []
-    for section in ("model", "data", "training"):
+    for section in ("model", "data", "training", "peft"):
         for key, value in saved.get(section, {}).items():
             if any(part in key for part in NOT_REPRODUCED) or value is None:
                 continue
