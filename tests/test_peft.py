@@ -386,6 +386,8 @@ def test_lora_with_gradient_accumulation_and_bf16(tiny_model_dir, tmp_path: Path
     saved = load_file(str(mixed / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in saved.values())  # autocast computes in bf16; weights stay fp32
     assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
 def test_adapters_reads_the_file_the_run_config_is_saved_to() -> None:
     from finetune import adapters
     from finetune.config import RESOLVED_CONFIG_NAME
