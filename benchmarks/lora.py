@@ -12,7 +12,7 @@ The arms alternate within each round (full, lora, full, lora, ...) so that drift
 falls on both. Training time is measured from ``on_train_begin`` to ``on_train_end`` (evaluation and
 checkpointing off), then the validation metric is computed on the first ``--eval_samples`` rows.
 
-    FINETUNE_HUB_MIRROR=../shared/hub python benchmarks/peft.py --json benchmarks/results/peft.json
+    FINETUNE_HUB_MIRROR=../shared/hub python benchmarks/lora.py --json benchmarks/results/lora.json
 
 Not a test: it asserts nothing about timings. It prints a table and writes JSON (``--json``).
 """
@@ -211,7 +211,7 @@ def main() -> int:
     print(table(rows))
     if opts.json:
         document = {
-            "command": "python benchmarks/peft.py " + " ".join(sys.argv[1:]),
+            "command": "python benchmarks/lora.py " + " ".join(sys.argv[1:]),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
             "runs": [asdict(r) for r in results],
             "summary": rows,
