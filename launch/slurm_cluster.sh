@@ -33,8 +33,8 @@ need_root() {
     [[ "$(id -u)" -eq 0 ]] || die "'$1' needs root (packages, /etc/slurm, daemons): run it with sudo"
 }
 
-running() {  # running PIDFILE: the daemon recorded there is alive
-    [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
+running() {  # running PIDFILE: the daemon recorded there is alive (/proc, so that it works without root too)
+    [[ -s "$1" ]] && [[ -d "/proc/$(cat "$1")" ]]
 }
 
 install_packages() {
