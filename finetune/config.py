@@ -304,8 +304,21 @@ def _training_default(name: str, value: Any, help: str | None = None) -> Any:
     return field(default=value, metadata=metadata)
 
 
+class TokensNotPickled:
+    """Arguments whose pickle leaves every ``*_token`` field (``hub_token``) out, as None.
+
+    The Trainer pickles its arguments into ``training_args.bin`` in the run folder and in every checkpoint
+    (``torch.save``), and hub_strategy every_save/checkpoint/all_checkpoints uploads those folders. The token
+    is needed in memory only, for the Hub calls; ``TrainingArguments.to_dict`` (the saved config) already
+    redacts the same fields.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
+
+
 @dataclass
-class TrainConfig(TrainingArguments):
+class TrainConfig(TokensNotPickled, TrainingArguments):
     """``TrainingArguments`` with defaults for fine-tuning: evaluate and save each epoch, keep the best."""
 
     output_dir: str | None = _training_default(

@@ -20,6 +20,7 @@ from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LabelSmoother
 
 from finetune.batching import FinetuneSampling
+from finetune.config import TokensNotPickled
 from finetune.distributed import FsdpTrainerMixin
 from finetune.generation.encoding import IGNORE_INDEX
 
@@ -122,6 +123,10 @@ class GenerationTrainer(FsdpTrainerMixin, FinetuneSampling, Seq2SeqTrainer):
         return contextlib.nullcontext()
 
 
+class GenerationTrainingArguments(TokensNotPickled, Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments that, like finetune's TrainConfig, never pickle the Hub token."""
+
+
 def seq2seq_arguments(args: TrainingArguments) -> Seq2SeqTrainingArguments:
     """The run's TrainingArguments as the Seq2SeqTrainingArguments Seq2SeqTrainer reads, generating in eval.
 
@@ -130,7 +135,7 @@ def seq2seq_arguments(args: TrainingArguments) -> Seq2SeqTrainingArguments:
     """
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    converted = Seq2SeqTrainingArguments(**values, predict_with_generate=True)
+    converted = GenerationTrainingArguments(**values, predict_with_generate=True)
     for extra in dataclasses.fields(args):  # finetune's own training settings (group_by_length_window, ...)
         if extra.name not in base:
             setattr(converted, extra.name, getattr(args, extra.name))

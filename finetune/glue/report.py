@@ -17,6 +17,7 @@ from finetune import adapters
 from finetune.glue import CHART, RESULTS_JSON, RESULTS_MD, SUBMISSION_ZIP, TaskResult
 from finetune.glue.submission import write_submission
 from finetune.hub import card as cards
+from finetune.hub import client
 from finetune.hub.card import CARD_NAME
 from finetune.hub.push import Files, FolderKind, run_files
 from finetune.tasks.glue import GLUE_DATASET
@@ -34,6 +35,7 @@ def write_results(
     out: Path, model: str, seeds: list[int], passthrough: list[str], results: dict[str, TaskResult], final: bool = False
 ) -> dict:
     tasks = {name: asdict(result) for name, result in results.items()}
+    passthrough = client.without_tokens(passthrough)  # recorded, printed and put in the card's command
     if final:
         write_submission(out, results, tasks)
     average, averaged = glue_average(tasks)

@@ -1,7 +1,8 @@
 """The Hub client: the token, ``HfApi``, retries of transient failures, and one-line errors.
 
-The token comes from ``HF_TOKEN`` or the ``hf auth login`` cache through ``huggingface_hub.get_token``;
-it is handed to ``HfApi`` only, never printed, saved or put in an error message. Hub failures become
+The token is ``--hub_token`` when given, else ``HF_TOKEN`` or the ``hf auth login`` cache through
+``huggingface_hub.get_token``; it is handed to ``HfApi`` only, never printed, saved (pickles included:
+see ``finetune.config.TokensNotPickled``) or put in an error message. Hub failures become
 one-line :class:`FinetuneError` messages; transient ones (5xx, 429, connection errors) are retried.
 """
 
@@ -29,8 +30,11 @@ RETRY_ATTEMPTS = 4
 TRANSIENT_STATUS = (429, 500, 502, 503, 504)
 
 
-def hub_token() -> str:
-    """The user's token (HF_TOKEN or the `hf auth login` cache); a one-line error when there is none."""
+def hub_token(given: str | None = None) -> str:
+    """The token given (``--hub_token``), else the user's (HF_TOKEN or the `hf auth login` cache); a one-line
+    error when there is none."""
+    if given:
+        return given
     try:
         token = get_token()
     except Exception as error:  # an OIDC exchange that was asked for and failed
@@ -40,7 +44,9 @@ def hub_token() -> str:
     return token
 
 
-def token_available() -> bool:
+def token_available(given: str | None = None) -> bool:
+    if given:
+        return True
     try:
         return bool(get_token())
     except Exception:
@@ -134,6 +140,22 @@ def server_message(error: BaseException) -> str:
 
 def first_line(error: BaseException) -> str:
     return mirror.first_line(error)
+
+
+def without_tokens(argv: list[str]) -> list[str]:
+    """Command-line flags as recorded in reports and reproduce commands: every ``--*_token`` flag left out."""
+    kept: list[str] = []
+    value_follows = False
+    for arg in argv:
+        if value_follows:
+            value_follows = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and name.endswith("_token"):
+            value_follows = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
 
 
 def redacted(text: str, token: str | None) -> str:

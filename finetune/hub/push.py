@@ -76,9 +76,13 @@ def main(argv: list[str], folder_kinds: Sequence[FolderKind] = ()) -> int:
     parser.add_argument("--hub_private_repo", action="store_true", default=None, help="create the repo private")
     parser.add_argument("--commit_message", default=None)
     parser.add_argument("--dry_run", action="store_true", help="print the repo, files and card; upload nothing")
+    parser.add_argument(
+        "--hub_token", default=None, help="Hub token with write access; default: HF_TOKEN or the `hf auth login` one"
+    )
     args = parser.parse_args(argv)
     push_run(
         args.run_dir,
+        token=args.hub_token,
         dry_run=args.dry_run,
         repo_id=args.hub_model_id,
         revision=args.hub_revision,
@@ -95,14 +99,14 @@ def prepare_push(config) -> None:
     with the card, and the Trainer does not push at all: see ``RunConfig.trainer_arguments``)."""
     if not config.training.push_to_hub or config.hub.dry_run:
         return
-    client.hub_token()
+    client.hub_token(config.training.hub_token)  # fail now, not after hours of training
     if config.trainer_pushes() and config.training.process_index == 0:
         prepare_repo(config.training)
 
 
 def prepare_repo(args, sleep: Callable[[float], None] = time.sleep) -> None:
     """The repo and branch the Trainer pushes checkpoints into (it expects both to exist)."""
-    token = client.hub_token()
+    token = client.hub_token(args.hub_token)
     api = client.hub_api(token)
     wanted = args.hub_model_id or Path(args.output_dir).resolve().name
     try:
@@ -122,6 +126,7 @@ def push_run(
     run_dir: str | Path,
     config=None,
     *,
+    token: str | None = None,
     dry_run: bool | None = None,
     repo_id: str | None = None,
     revision: str | None = None,
@@ -134,10 +139,12 @@ def push_run(
     """Push ``run_dir`` (a run, or a folder one of ``folder_kinds`` knows) with its card; returns the commit URL
     (None for a dry run).
 
-    Settings come from the arguments, else from ``config`` (a RunConfig), else from the run's saved config.
+    Settings come from the arguments, else from ``config`` (a RunConfig), else from the run's saved config;
+    the token from ``token``, else ``config``, else HF_TOKEN / the login cache (a saved config never holds it).
     """
     out = out or sys.stdout
     run_dir = Path(run_dir)
+    token = token or (config.training.hub_token if config is not None else None)
     saved = config.to_dict() if config is not None else load_saved_config(run_dir)
     training = saved.get("training", {})
     if dry_run is None:
@@ -151,10 +158,10 @@ def push_run(
         settings.commit_message = commit_message
     if dry_run:
         plan = upload_plan(run_dir, saved, settings, None, folder_kinds)
-        print_plan(plan, out)
+        print_plan(plan, out, token)
         return None
 
-    token = client.hub_token()
+    token = client.hub_token(token)
     api = client.hub_api(token)
     try:
         return upload(api, run_dir, saved, settings, sleep, out, folder_kinds)
@@ -235,11 +242,11 @@ def run_files(run_dir: Path, prefix: str = "") -> Files:
     return files
 
 
-def print_plan(plan: UploadPlan, out: TextIO) -> None:
+def print_plan(plan: UploadPlan, out: TextIO, token: str | None = None) -> None:
     settings = plan.settings
     repo = settings.repo_id if "/" in settings.repo_id else f"<your namespace>/{settings.repo_id}"
     total = sum(path.stat().st_size for path, _ in plan.files)
-    found = "found" if client.token_available() else "NOT found (a real push needs HF_TOKEN or hf auth login)"
+    found = "found" if client.token_available(token) else "NOT found (a real push needs HF_TOKEN or hf auth login)"
     print("dry run: nothing is uploaded", file=out)
     print(f"repo: {repo} (revision: {settings.revision or 'main'}, private: {bool(settings.private)})", file=out)
     print(f"token: {found}", file=out)
