@@ -213,8 +213,9 @@ def cmd_predict(argv: list[str]) -> int:
     from finetune import pipeline
 
     paths = pipeline.predict(config, splits)
-    for split, path in paths.items():
-        print(f"{split}: predictions written to {path}")
+    if config.training.process_index == 0:
+        for split, path in paths.items():
+            print(f"{split}: predictions written to {path}")
     return 0
 
 

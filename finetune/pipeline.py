@@ -224,15 +224,19 @@ def evaluate(config: RunConfig, splits: list[str] | None = None) -> dict[str, di
 
 
 def predict(config: RunConfig, splits: list[str] | None = None) -> dict[str, Path]:
-    """Prediction files (with label names) for the given splits, default the task's test splits."""
+    """Prediction files (with label names) for the given splits, default the task's test splits.
+
+    Every process gets the same answer (split -> file); the main process writes the files.
+    """
     task, trainer, raw, tokenized = load_for_inference(config)
     splits = splits or task.predict_splits(raw)
     require_splits(raw, splits)
     paths = {}
     for split in splits:
         output = task.predict(trainer, tokenized[split], split)
+        paths[split] = Path(trainer.args.output_dir) / task.predictions_file(split)
         if trainer.is_world_process_zero():
-            paths[split] = write_predictions(task, raw[split], output, Path(trainer.args.output_dir), split)
+            write_predictions(task, raw[split], output, Path(trainer.args.output_dir), split)
     return paths
 
 

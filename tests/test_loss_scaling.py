@@ -33,23 +33,28 @@ ONE_STEP = [
 ]
 
 
+def without_dropout(source: Path, target: Path) -> Path:
+    """A copy of a checkpoint folder with every dropout probability set to 0."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    for key, value in config.items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            config[key] = 0.0
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
 @pytest.fixture(scope="module")
 def no_dropout_model(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
-    """arch -> a copy of the tiny checkpoint with every dropout probability set to 0."""
+    """arch -> a copy of the tiny checkpoint without dropout."""
     made: dict[str, Path] = {}
 
     def build(arch: str) -> Path:
         if arch not in made:
             source = tiny_model_dir("bert" if arch == "bert2bert" else arch)
-            target = tmp_path_factory.mktemp(f"no-dropout-{arch}")
-            for path in source.iterdir():
-                (target / path.name).write_bytes(path.read_bytes())
-            config = json.loads((source / "config.json").read_text())
-            for key, value in config.items():
-                if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-                    config[key] = 0.0
-            (target / "config.json").write_text(json.dumps(config))
-            made[arch] = target
+            made[arch] = without_dropout(source, tmp_path_factory.mktemp(f"no-dropout-{arch}"))
         return made[arch]
 
     return build

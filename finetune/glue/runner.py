@@ -13,6 +13,10 @@ per task metrics, mean and std over seeds, and the average), ``glue_scores.png``
 Resumable: a seed whose ``metrics.json`` exists is not trained again, and one stopped after a checkpoint
 (SIGTERM, crash) resumes from it. A task that fails is reported
 with its reason and the others go on; a task the data source does not have is reported as skipped.
+
+Under ``accelerate launch`` every process runs this loop (training and prediction are collective), takes
+the same decisions from the same values, and waits for the others before it looks at files another may be
+writing; only the main process writes the reports and the submission, and prints.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from finetune import mirror
 from finetune.config import INFERENCE_SETTINGS
@@ -49,12 +55,31 @@ def main(argv: list[str]) -> int:
     tasks = task_list(options.tasks)
     out = Path(options.output_dir or Path("runs") / f"glue-{Path(options.model_name_or_path).name}")
     results = run_benchmark(options.model_name_or_path, tasks, seeds, out, passthrough)
-    print(Path(out / RESULTS_MD).read_text())
-    print(f"results: {out / RESULTS_JSON}, chart: {out / CHART}, submission: {out / SUBMISSION_ZIP}")
+    say(Path(out / RESULTS_MD).read_text())
+    say(f"results: {out / RESULTS_JSON}, chart: {out / CHART}, submission: {out / SUBMISSION_ZIP}")
     failed = [name for name, r in results["tasks"].items() if r["status"] == "failed"]
     if failed:
-        print(f"finetune: {len(failed)} task(s) failed: {', '.join(failed)} (see the table)", file=sys.stderr)
+        say(f"finetune: {len(failed)} task(s) failed: {', '.join(failed)} (see the table)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def say(text: str, file=None) -> None:
+    """Print once, from the main process."""
+    if PartialState().is_main_process:
+        print(text, file=file or sys.stdout, flush=True)
+
+
+def record(
+    out: Path, model: str, seeds: list[int], passthrough: list[str], results: dict[str, TaskResult], final: bool = False
+) -> dict:
+    """The main process writes the reports (and the submission, deleting stale files); the others receive the
+    document it recorded, so every process goes on from the same record.
+
+    Received, not read back from the file: right after, the main process may already be rewriting it.
+    """
+    main = PartialState().is_main_process
+    document = [write_results(out, model, seeds, passthrough, results, final) if main else None]
+    return broadcast_object_list(document)[0]
 
 
 def parse_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -121,7 +146,7 @@ def run_benchmark(model: str, tasks: list[str], seeds: list[int], out: Path, pas
     for name in tasks:
         preset = GLUE_TASKS[name]
         result = results[name] = TaskResult(config=name)
-        print(f"== GLUE {name} ==", flush=True)
+        say(f"== GLUE {name} ==")
         try:
             missing = missing_from_source(name, model, passthrough)
             if missing:
@@ -135,18 +160,24 @@ def run_benchmark(model: str, tasks: list[str], seeds: list[int], out: Path, pas
                 result.status = "done"
         except Preempted:  # SIGTERM: the checkpoint is saved; the same command resumes from it
             result.status, result.reason = "failed", "stopped by SIGTERM; run the same command to resume"
-            write_results(out, model, seeds, passthrough, results)
+            record(out, model, seeds, passthrough, results)
             raise
         except FinetuneError as error:
             result.status, result.reason = "failed", str(error)
         except Exception as error:  # one broken task must not stop the benchmark; its traceback is kept
             result.status, result.reason = "failed", f"{type(error).__name__}: {mirror.first_line(error)}"
             (out / name).mkdir(parents=True, exist_ok=True)
-            (out / name / "error.log").write_text(traceback.format_exc())
+            (out / name / error_log_name()).write_text(traceback.format_exc())
         if result.status != "done":
-            print(f"GLUE {name}: {result.status}: {result.reason}", flush=True)
-        write_results(out, model, seeds, passthrough, results)
-    return write_results(out, model, seeds, passthrough, results, final=True)
+            say(f"GLUE {name}: {result.status}: {result.reason}")
+        record(out, model, seeds, passthrough, results)
+    return record(out, model, seeds, passthrough, results, final=True)
+
+
+def error_log_name() -> str:
+    """error.log; other processes keep their own traceback beside it (error.rank1.log)."""
+    state = PartialState()
+    return "error.log" if state.is_main_process else f"error.rank{state.process_index}.log"
 
 
 def run_argv(model: str, run_dir: Path, passthrough: list[str], seed: int | None = None) -> list[str]:
@@ -200,16 +231,18 @@ def train_seeds(
     for seed in seeds:
         run_dir = out / name / f"seed-{seed}"
         metrics_file = run_dir / pipeline.METRICS_FILE
+        PartialState().wait_for_everyone()  # every process sees the folder as it is, before anyone writes to it
         if metrics_file.is_file():
-            print(f"GLUE {name} seed {seed}: finished earlier, reusing {run_dir}", flush=True)
+            say(f"GLUE {name} seed {seed}: finished earlier, reusing {run_dir}")
+            evaluated = json.loads(metrics_file.read_text())["eval"]
         else:
             argv = run_argv(model, run_dir, passthrough, seed)
             if run_dir.is_dir() and last_complete_checkpoint(str(run_dir)):  # stopped after a save: go on
                 argv += ["--resume_from_checkpoint", "last"]
             elif run_dir.is_dir() and any(run_dir.iterdir()):  # stopped before any checkpoint: start again
                 argv += ["--overwrite_output_dir", "true"]
-            pipeline.train(parsed(f"glue-{name}", argv))
-        evaluated = json.loads(metrics_file.read_text())["eval"]
+            # The returned metrics, not metrics.json: the main process may still be writing that.
+            evaluated = pipeline.train(parsed(f"glue-{name}", argv))["eval"]
         per_seed.append(declared_metrics(evaluated, preset))
         result.runs[str(seed)] = (run_dir.relative_to(out)).as_posix()
     result.metrics = aggregate_metrics(per_seed)
