@@ -24,11 +24,13 @@ from test_distributed import accelerate_launch
 from finetune.cli import main
 
 WMT = SAMPLES / "wmt16_en_ro_sample"  # 11 training pairs of very different lengths
+TRANSLATION = ["--task", "translation", "--train_file", str(WMT / "train.jsonl"), "--source_lang", "en",
+               "--target_lang", "ro", "--max_target_length", "32"]
+CLASSIFICATION = ["glue-mrpc", "--max_train_samples", "16", "--max_eval_samples", "8"]
 ONE_STEP = [
-    "--task", "translation", "--train_file", str(WMT / "train.jsonl"), "--source_lang", "en", "--target_lang", "ro",
     "--max_steps", "1", "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "1e9", "--warmup_steps", "0",
     "--weight_decay", "0", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
-    "--max_seq_length", "48", "--max_target_length", "32", "--report_to", "none", "--disable_tqdm", "true",
+    "--max_seq_length", "48", "--report_to", "none", "--disable_tqdm", "true",
     "--seed", "7",
 ]
 
@@ -91,6 +93,7 @@ KINDS = {
     "gpt2": ["gpt2"], "llama": ["llama"],
     "t5-label-smoothing": ["t5", "--label_smoothing_factor", "0.1"],  # the Trainer's LabelSmoother path
     "llama-padding-free": ["llama", "--padding_free", "true", "--use_cache", "false"],  # one flattened row
+    "bert-classification": ["bert"],  # a per-example mean: the Trainer divides it by the accumulation steps
 }
 
 
@@ -98,11 +101,12 @@ KINDS = {
 def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(kind, no_dropout_model, tmp_path: Path):
     arch, *extra = KINDS[kind]
     source = no_dropout_model(arch)
+    data = CLASSIFICATION if kind.endswith("classification") else TRANSLATION
     runs = {}
     for batch, accumulation in ((2, 4), (8, 1)):
         runs[accumulation] = tmp_path / f"b{batch}-k{accumulation}"
         assert main([
-            "train", "--model_name_or_path", str(source), "--output_dir", str(runs[accumulation]), *ONE_STEP,
+            "train", *data, "--model_name_or_path", str(source), "--output_dir", str(runs[accumulation]), *ONE_STEP,
             "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation), *extra,
         ]) == 0
     assert_same_step(source, runs[1], runs[4])
@@ -112,7 +116,7 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(kind, no_dro
 def test_two_processes_take_the_same_step_as_one(no_dropout_model, tmp_path: Path) -> None:
     source = no_dropout_model("t5")
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--model_name_or_path", str(source), *ONE_STEP, "--gradient_accumulation_steps", "2"]
+    common = [*TRANSLATION, "--model_name_or_path", str(source), *ONE_STEP, "--gradient_accumulation_steps", "2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -24,7 +24,7 @@ from finetune.hub import client
 
 SENTINEL = f"hf_SENTINEL{uuid.uuid4().hex}"
 SMALL = ["--max_train_samples", "8", "--max_eval_samples", "8", "--num_train_epochs", "1",
-         "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true"]
+         "--per_device_train_batch_size", "8", "--disable_tqdm", "true"]
 WMT = SAMPLES / "wmt16_en_ro_sample"
 
 
