@@ -21,6 +21,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy
 
+from finetune import metrics
 from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
 from finetune.tasks import task_class
@@ -162,6 +163,14 @@ class DataConfig:
             "run), for data that comes as one file."
         },
     )
+    metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "Metrics to compute instead of the task's: comma-separated evaluate modules (ids on the Hub or "
+            "mirror, or local paths), each with optional compute options after colons, e.g. "
+            "'f1:average=macro,accuracy'. The first one picks the best checkpoint unless metric_for_best_model is set."
+        },
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Re-tokenize instead of reading the datasets cache."}
@@ -178,7 +187,8 @@ class HubConfig:
     hub_mirror: str | None = field(
         default=None,
         metadata={
-            "help": "Folder laid out like the Hub (models/<org>/<name>, datasets/<org>/<name>); ids found there load "
+            "help": "Folder laid out like the Hub (models/<org>/<name>, datasets/<org>/<name>, spaces/evaluate-metric/"
+            "<metric>); ids found there load "
             "from it, others from the Hub. Default: $FINETUNE_HUB_MIRROR."
         },
     )
@@ -619,7 +629,10 @@ def derived_settings(values: dict[str, Any], explicit: set[str], recipe: str | N
         name = Path(str(recipe)).stem if recipe else (values["task_name"] or values["task"])
         derived["output_dir"] = str(Path("runs") / name)
     if "metric_for_best_model" not in explicit:
-        derived["metric_for_best_model"] = task_class(values["task"]).best_metric_of(values["task_name"])
+        if values.get("metric"):  # --metric: the first metric named
+            derived["metric_for_best_model"] = metrics.best_metric(metrics.parse_metrics(values["metric"]))
+        else:
+            derived["metric_for_best_model"] = task_class(values["task"]).best_metric_of(values["task_name"])
     if not torch.cuda.is_available():
         if "dataloader_pin_memory" not in explicit:
             derived["dataloader_pin_memory"] = False

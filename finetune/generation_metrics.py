@@ -1,9 +1,5 @@
-"""Scores of generated text: ROUGE (rouge_score) for summaries, sacreBLEU and chrF (sacrebleu) for translations.
-
-Scores are on a 0-100 scale. ROUGE is the mean F-measure over examples; with several references an
-example counts its best one (per ROUGE type, as ``RougeScorer.score_multi`` does). BLEU and chrF are
-corpus-level, with every reference of an example used, and their sacrebleu signatures are reported so
-that the numbers can be compared with published ones.
+"""Text helpers of the generation metrics: sentence splitting (ROUGE-Lsum lines, the lead-1 baseline) and the
+mean generated length. The scores themselves come from evaluate's modules (``finetune.metrics.TextScorer``).
 """
 
 from __future__ import annotations
@@ -12,10 +8,6 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-from rouge_score import rouge_scorer
-from sacrebleu.metrics import BLEU, CHRF
-
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 # rouge_score's own sentence splitting for rougeLsum calls nltk.sent_tokenize, whose 'punkt' model must be
 # downloaded (impossible offline and a hidden network call otherwise); a sentence-final punctuation rule
@@ -31,43 +23,6 @@ def sentences(text: str) -> list[str]:
 def first_sentence(text: str) -> str:
     found = sentences(text)
     return found[0] if found else ""
-
-
-def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L/Lsum F-measure (x100), stemmed; the best reference of each example counts."""
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, refs in zip(predictions, references, strict=True):
-        # rougeLsum reads one sentence per line; the other types ignore line breaks.
-        scores = scorer.score_multi([_one_sentence_per_line(r) for r in refs], _one_sentence_per_line(prediction))
-        for name in ROUGE_TYPES:
-            totals[name] += scores[name].fmeasure
-    count = max(len(predictions), 1)
-    return {name: 100.0 * total / count for name, total in totals.items()}
-
-
-def _one_sentence_per_line(text: str) -> str:
-    return "\n".join(sentences(text))
-
-
-def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
-    """sacrebleu's layout: one stream per reference position, None where an example has fewer references."""
-    width = max((len(refs) for refs in references), default=1)
-    return [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
-
-
-def bleu_and_chrf(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float | str]:
-    """Corpus sacreBLEU and chrF with sacrebleu's defaults (13a tokenization), and their signatures."""
-    streams = _reference_streams(references)
-    bleu, chrf = BLEU(), CHRF()
-    bleu_score = bleu.corpus_score(list(predictions), streams)
-    chrf_score = chrf.corpus_score(list(predictions), streams)
-    return {
-        "sacrebleu": float(bleu_score.score),
-        "chrf": float(chrf_score.score),
-        "sacrebleu_signature": str(bleu.get_signature()),
-        "chrf_signature": str(chrf.get_signature()),
-    }
 
 
 def mean_length(token_ids: np.ndarray, special_ids: Sequence[int]) -> float:

@@ -1,6 +1,7 @@
 """Hub ids resolved against an offline mirror laid out like the Hub.
 
-A mirror is a folder holding ``models/<org>/<name>/`` and ``datasets/<org>/<name>/``. An id present
+A mirror is a folder holding ``models/<org>/<name>/``, ``datasets/<org>/<name>/`` and
+``spaces/<org>/<name>/`` (``evaluate`` metric modules live in ``spaces/evaluate-metric/``). An id present
 there loads from it; any other id goes to the Hub unchanged, so the same recipe runs online and
 offline. The mirror is named by ``--hub_mirror`` or the ``FINETUNE_HUB_MIRROR`` environment variable;
 the CLI copies the flag into the variable so that every process under ``accelerate launch`` sees it.
@@ -17,7 +18,7 @@ from finetune.errors import FinetuneError
 
 MIRROR_ENV = "FINETUNE_HUB_MIRROR"
 
-RepoKind = Literal["models", "datasets"]
+RepoKind = Literal["models", "datasets", "spaces"]
 T = TypeVar("T")
 
 

@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PredictionOutput
 
+from finetune import metrics
 from finetune.batching import FinetuneSampling
 from finetune.distributed import FsdpTrainerMixin
 from finetune.errors import FinetuneError
@@ -107,11 +108,18 @@ class Task(ABC):
 
     @property
     def best_metric(self) -> str:
-        """This run's metric for the best checkpoint (where the data decides it, it may differ from the preset's)."""
+        """This run's metric for the best checkpoint (where the data decides it, it may differ from the preset's;
+        with ``--metric``, the first metric named)."""
+        if self.config.data.metric:
+            return metrics.best_metric(metrics.parse_metrics(self.config.data.metric))
         return self.best_metric_of(self.config.data.task_name)
 
     @abstractmethod
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]: ...
+
+    @abstractmethod
+    def load_metrics(self) -> None:
+        """Load the metric modules now (once per task): a metric that cannot load stops the run before training."""
 
     def build_trainer(
         self,
@@ -126,6 +134,7 @@ class Task(ABC):
         model for every trial, so it passes no model)."""
         if self.config.training.class_weights is not None and not self.supports_class_weights:
             raise FinetuneError(f"class_weights is for classification, not {self.family}")
+        self.load_metrics()
         return self.trainer(
             model=model,
             model_init=model_init,

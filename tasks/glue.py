@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from transformers.trainer_utils import PredictionOutput
 
 from finetune import adapters, data, metrics, modeling
 from finetune.errors import FinetuneError
+from finetune.metrics import MetricSpec
 from finetune.task import FinetuneTrainer, Task
 
 logger = logging.getLogger("finetune")
@@ -35,7 +37,7 @@ class GluePreset:
 
     text_column: str
     text_pair_column: str | None
-    #: official metrics, in the order the GLUE leaderboard reports them
+    #: official metrics (keys of evaluate's ``glue`` module), in the order the GLUE leaderboard reports them
     metrics: tuple[str, ...]
     #: label names for tasks whose labels the dataset may not name (AX is test-only); None: regression
     label_names: tuple[str, ...] | None = None
@@ -165,6 +167,7 @@ class GlueTask(Task):
             data.require_rows(raw[split], split, where)
         raw = self.with_empty_texts(raw)
         self.label_values, self.is_regression, self.labels_are_values = self.labels_of(raw)
+        metrics.require_averages(self.metric_specs(), len(self.label_values or ()))
         # Decided now, not at model loading: labels are tokenized as the checkpoint's head ids.
         self.head_kwargs = self.head_settings(modeling.load_config(self.config.model))
         return raw
@@ -386,15 +389,33 @@ class GlueTask(Task):
 
     @property
     def best_metric(self) -> str:
+        if self.config.data.metric:
+            return super().best_metric
         return self.row.best_metric  # custom data whose labels are scores: the regression metric
 
     def metric_names(self) -> tuple[str, ...]:
         return self.row.metrics
 
+    def metric_specs(self) -> tuple[MetricSpec, ...]:
+        """``--metric`` when given, else evaluate's GLUE module for a GLUE task (AX: its MNLI model's), else
+        accuracy for custom classification and GLUE's STS-B pair (Pearson, Spearman) for custom regression."""
+        if self.config.data.metric:
+            return metrics.parse_metrics(self.config.data.metric)
+        if self.preset is not None:
+            return (MetricSpec("glue", config_name=self.row.trained_as or self.config.data.task_name),)
+        return (MetricSpec("glue", config_name="stsb"),) if self.is_regression else (MetricSpec("accuracy"),)
+
+    @cached_property
+    def scorer(self) -> metrics.LabelScorer:
+        return metrics.LabelScorer(self.metric_specs(), order=self.row.metrics)
+
+    def load_metrics(self) -> None:
+        self.scorer  # noqa: B018 (loads the modules)
+
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
         preds = self.dataset_label_ids(metrics.predicted_labels(prediction.predictions, self.is_regression))
         labels = self.dataset_label_ids(np.asarray(prediction.label_ids))
-        results = metrics.score(self.metric_names(), preds, labels)
+        results = self.scorer(preds, labels)
         # Counted from the gathered predictions, so a distributed run shows what it really scored.
         results["examples"] = int(len(labels))
         return results

@@ -6,13 +6,11 @@ the columns of a Hub dataset or of local csv/json/jsonl/parquet files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from datasets import Dataset
 
-from finetune import generation_metrics
+from finetune import generation_metrics, metrics
 from finetune.generation import GenerationTask, TextColumns
 
 
@@ -64,5 +62,5 @@ class SummarizationTask(GenerationTask):
     def best_metric_of(cls, task_name: str | None) -> str:
         return "rougeL"
 
-    def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
-        return generation_metrics.rouge(predictions, references)
+    def default_metrics(self) -> tuple[metrics.MetricSpec, ...]:
+        return (metrics.MetricSpec("rouge"),)

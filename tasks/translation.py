@@ -6,13 +6,11 @@ Presets are rows of ``TRANSLATION_TASKS``; ``source_lang`` / ``target_lang`` pic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from datasets import Dataset
 
-from finetune import generation_metrics
+from finetune import metrics
 from finetune.errors import FinetuneError
 from finetune.generation import GenerationTask, TextColumns
 
@@ -87,5 +85,5 @@ class TranslationTask(GenerationTask):
     def best_metric_of(cls, task_name: str | None) -> str:
         return "sacrebleu"
 
-    def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
-        return generation_metrics.bleu_and_chrf(predictions, references)
+    def default_metrics(self) -> tuple[metrics.MetricSpec, ...]:
+        return metrics.MetricSpec("sacrebleu"), metrics.MetricSpec("chrf")

@@ -1,11 +1,16 @@
-"""ROUGE, sacreBLEU, chrF and the helpers around them, against hand-computed values."""
+"""ROUGE, sacreBLEU, chrF (evaluate's modules, as the generation tasks score) and the helpers around them,
+against hand-computed values."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from finetune.generation_metrics import bleu_and_chrf, first_sentence, mean_length, rouge, sentences
+from finetune.generation_metrics import first_sentence, mean_length, sentences
+from finetune.metrics import MetricSpec, TextScorer
+
+rouge = TextScorer([MetricSpec("rouge")], sentence_split=sentences)
+bleu_and_chrf = TextScorer([MetricSpec("sacrebleu"), MetricSpec("chrf")])
 
 
 def test_identical_texts_score_100_and_disjoint_texts_0() -> None:

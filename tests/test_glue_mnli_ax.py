@@ -52,6 +52,7 @@ def mnli_mirror(tmp_path: Path, monkeypatch) -> Path:
              *write_config(repo, "ax", {"test": part(start, 9, hidden=True)}), "---"]
     (repo / "README.md").write_text("\n".join(lines) + "\n")
     (tmp_path / "mirror" / "models").symlink_to(GLUE.parents[2] / "models")
+    (tmp_path / "mirror" / "spaces").symlink_to(GLUE.parents[2] / "spaces")  # evaluate's metric modules
     monkeypatch.setenv("FINETUNE_HUB_MIRROR", str(tmp_path / "mirror"))
     return tmp_path / "mirror"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PredictionOutput
 
-from finetune import data, generation_metrics, mirror, modeling
+from finetune import data, generation_metrics, metrics, mirror, modeling
 from finetune.errors import FinetuneError
 from finetune.generation.encoding import (
     IGNORE_INDEX,
@@ -79,8 +80,22 @@ class GenerationTask(Task):
         """What the trivial baseline outputs for each row."""
 
     @abstractmethod
+    def default_metrics(self) -> tuple[metrics.MetricSpec, ...]:
+        """The family's evaluate modules (summaries: rouge; translations: sacrebleu and chrf)."""
+
+    def metric_specs(self) -> tuple[metrics.MetricSpec, ...]:
+        return metrics.parse_metrics(self.config.data.metric) if self.config.data.metric else self.default_metrics()
+
+    @cached_property
+    def scorer(self) -> metrics.TextScorer:
+        return metrics.TextScorer(self.metric_specs(), sentence_split=generation_metrics.sentences)
+
+    def load_metrics(self) -> None:
+        self.scorer  # noqa: B018 (loads the modules)
+
     def score(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
-        """The family's metrics of predictions against each example's references."""
+        """The run's metrics of predictions against each example's references."""
+        return self.scorer(predictions, references)
 
     # -- data ----------------------------------------------------------------------------------------------
 
