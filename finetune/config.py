@@ -576,6 +576,9 @@ def parse_run_config(
     explicit = set(given) | {aliases.get(name, name) for name in (arg[2:].split("=")[0] for arg in argv or []
                                                                   if arg.startswith("--"))}
     values = {**vars(namespace), **derived_settings(vars(namespace), explicit, recipe)}
+    from finetune.tracking import checked_report_to  # transformers' integrations: imported only when parsing
+
+    values["report_to"] = checked_report_to(values.get("report_to"))  # "tensorboard,mlflow"; one line if missing
     try:
         sections = {
             name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
