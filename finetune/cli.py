@@ -1,4 +1,4 @@
-"""Command line: ``finetune {recipes,train,evaluate,predict,push,glue,tune}``.
+"""Command line: ``finetune {recipes,train,evaluate,predict,push,glue,tune,runs}``.
 
 Each command parses its settings into the typed config, then hands over to one pipeline function.
 User errors (FinetuneError, also a NaN/inf training loss) print one line and exit with code 2; a run
@@ -31,6 +31,7 @@ commands:
   push RUN_DIR [--dry_run]      upload a finished run to the Hub with a model card
   glue --model_name_or_path X   fine-tune and evaluate on the GLUE tasks, write tables and a submission
   tune [RECIPE] [--n_trials N]  hyperparameter search (optuna), resumable; writes the best settings as a recipe
+  runs [DIR]                    compare the finished runs under DIR (default runs): metric, time, samples/s
 
 Every setting of `finetune train --help` can be given in a recipe or as --flag value.
 """
@@ -272,6 +273,12 @@ def cmd_glue(argv: list[str]) -> int:
     return runner.main(argv)
 
 
+def cmd_runs(argv: list[str]) -> int:
+    from finetune import runs
+
+    return runs.main(argv)
+
+
 def print_metrics_table(results: dict[str, dict[str, Any]]) -> None:
     """split | metric | value, one line per metric."""
     rows = [(split, name, value) for split, values in results.items() for name, value in values.items()
@@ -293,4 +300,5 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "push": cmd_push,
     "glue": cmd_glue,
     "tune": cmd_tune,
+    "runs": cmd_runs,
 }

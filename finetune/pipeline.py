@@ -14,7 +14,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
 
-from finetune import adapters
+from finetune import adapters, report
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
 from finetune.config import INFERENCE_SETTINGS, RunConfig
 from finetune.errors import FinetuneError, Preempted
@@ -157,6 +157,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         write_json(out / METRICS_FILE, metrics)
         if config.peft.merge_adapter:
             adapters.write_merged_model(trainer.model, out)
+        report.write_report(out)
     return metrics
 
 

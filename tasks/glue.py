@@ -429,6 +429,7 @@ class GlueTask(Task):
 
     def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:
         preds = metrics.predicted_labels(output.predictions, self.is_regression)
+        confidence = None if self.is_regression else predicted_probability(output.predictions)
         model_to_name = self.model_label_names()
         records = []
         for i, row in enumerate(raw.select(range(len(preds)))):
@@ -439,6 +440,8 @@ class GlueTask(Task):
             if self.is_label(label):
                 record["label"] = self.label_name(label)
             record["prediction"] = float(preds[i]) if self.is_regression else model_to_name[int(preds[i])]
+            if confidence is not None:
+                record["confidence"] = float(confidence[i])
             records.append(record)
         return records
 
@@ -513,6 +516,13 @@ class WeightedLossTrainer(FinetuneTrainer):
         weight = self.class_weights.to(logits.device)
         loss = F.cross_entropy(logits.float().view(-1, weight.numel()), labels.view(-1), weight=weight)
         return (loss, outputs) if return_outputs else loss
+
+
+def predicted_probability(logits: np.ndarray | tuple) -> np.ndarray:
+    """Softmax probability of the predicted class (run reports rank mistakes by it)."""
+    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted.max(axis=-1) / shifted.sum(axis=-1)
 
 
 def head_labels(checkpoint: PretrainedConfig) -> list[str] | None:

@@ -308,6 +308,7 @@ class GenerationTask(Task):
         rows = raw.select(range(len(output.predictions)))[:]
         columns = self.text_columns()
         references = columns.references(rows)
+        baseline = self.baseline_predictions(raw.select(range(len(output.predictions))))
         records = []
         for i, (source, prediction) in enumerate(zip(columns.sources(rows), self.decode(output.predictions),
                                                      strict=True)):
@@ -315,6 +316,7 @@ class GenerationTask(Task):
             if references is not None:
                 record["references"] = references[i]
             record["prediction"] = prediction
+            record["baseline"] = baseline[i]  # the trivial answer (lead-1, copy-source), beside the model's
             records.append(record)
         return records
 
