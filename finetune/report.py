@@ -334,10 +334,51 @@ pre{background:#f8f8f8;padding:8px;overflow:auto;max-height:400px}
 def render(run: RunFiles) -> str:
     family = run.family
     details = generation(run) if family in ("summarization", "translation") else classification(run)
-    title = f"finetune run: {run.path.resolve().name}"
-    body = (f"<h1>{esc(title)}</h1>{summary(run)}{settings(run)}{per_epoch(run)}{curves(run)}{details}")
+    body = f"{summary(run)}{settings(run)}{per_epoch(run)}{curves(run)}{details}"
+    return page(f"finetune run: {run.path.resolve().name}", body)
+
+
+def page(title: str, body: str) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{body}</body></html>\n")
+            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{body}</body></html>\n")
+
+
+def glue_page(document: Mapping[str, Any], chart: Path | None) -> str:
+    """The benchmark page of ``finetune glue``: per task status, metrics and score over seeds, the chart, and a
+    link to each task's best-seed run report."""
+    rows = []
+    for name, task in document["tasks"].items():
+        metric_cells = "<br>".join(
+            f"{esc(metric)}{'' if split == 'validation' else f' ({esc(split)})'} {esc(spread(stats))}"
+            for split, values in task.get("metrics", {}).items() for metric, stats in values.items()
+        )
+        best = task.get("best_run")
+        link = f'<a href="{esc(best)}/{REPORT_NAME}">{esc(best)}</a>' if best else ""
+        rows.append((esc(name.upper()), esc(task["status"]), metric_cells,
+                     esc(spread(task["score"])) if task.get("score") else "", link,
+                     esc(task.get("reason") or task.get("note") or "")))
+    average = document.get("glue_average")
+    seeds = document.get("seeds", [])
+    facts = [("model", esc(document.get("model_name_or_path"))), ("seeds", esc(", ".join(map(str, seeds)))),
+             ("GLUE average", "-" if average is None else f"{100 * average:.1f}"),
+             ("command", f"<code>{esc(document.get('command', ''))}</code>")]
+    body = ('<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+            + section("tasks", "Tasks (validation, x100, mean ± std over seeds)",
+                      table(("task", "status", "metrics", "score", "best run", "notes"), rows))
+            + section("chart", "Scores", image(chart.read_bytes() if chart and chart.is_file() else None, "scores")))
+    return page(f"GLUE: {Path(str(document.get('model_name_or_path'))).name}", body)
+
+
+def spread(stats: Mapping[str, Any]) -> str:
+    """A score over seeds, x100: mean, and std when there are several seeds."""
+    shown = f"{100 * stats['mean']:.1f}"
+    return shown + (f" ± {100 * stats['std']:.1f}" if len(stats.get("values", [])) > 1 else "")
+
+
+def write_glue_report(out: str | Path, document: Mapping[str, Any], chart: Path | None) -> Path:
+    path = Path(out) / REPORT_NAME
+    path.write_text(glue_page(document, chart), encoding="utf-8")
+    return path
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -71,6 +71,21 @@ def test_results_table_chart_and_average(benchmark: Path) -> None:
     assert (benchmark / "glue_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_benchmark_and_run_reports(benchmark: Path) -> None:
+    """report.html of the benchmark links every finished task's best run, each of which has its own report."""
+    results = read_json(benchmark / "glue_results.json")
+    page = (benchmark / "report.html").read_text()
+    assert "<script" not in page and 'src="http' not in page
+    assert page.count('src="data:image/png;base64,') == 1  # the score chart, embedded
+    for name, task in results["tasks"].items():
+        assert f"<td>{name.upper()}</td><td>{task['status']}</td>" in page
+        if task["status"] == "done":
+            assert f'<a href="{task["best_run"]}/report.html">' in page
+            for run in task["runs"].values():
+                assert 'id="curves"' in (benchmark / run / "report.html").read_text()
+    assert f"<dt>GLUE average</dt><dd>{100 * results['glue_average']:.1f}</dd>" in page
+
+
 def test_submission_files(benchmark: Path) -> None:
     with zipfile.ZipFile(benchmark / "glue_submission.zip") as bundle:
         assert sorted(bundle.namelist()) == ["RTE.tsv", "STS-B.tsv"]  # the mirror's WNLI has no test split

@@ -93,9 +93,8 @@ def test_a_run_writes_a_self_contained_report(mrpc_run: Path) -> None:
 
 def test_the_report_renders_in_headless_chromium(mrpc_run: Path, tmp_path: Path) -> None:
     browser = chromium()
-    if browser is None:
-        print("SKIPPED: no chromium on PATH (apt-get install chromium)")
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    if browser is None:  # the reason is printed in pytest's summary (-rs in pyproject.toml)
+        pytest.skip("chromium is not installed (apt-get install -y chromium): report.html not checked in a browser")
     page = (mrpc_run / REPORT_NAME).read_text()
     probed = tmp_path / "probed.html"
     probed.write_text(page.replace("<head>", "<head>" + PROBE, 1))

@@ -1,5 +1,6 @@
 """The GLUE reports: ``glue_results.json`` (every number, per seed), ``glue_results.md`` (the table: per task
-metrics, mean and std over seeds, and the average), ``glue_scores.png``, and the folder's model card.
+metrics, mean and std over seeds, and the average), ``glue_scores.png``, ``report.html`` (all of it on one page,
+linking each task's best run report), and the folder's model card.
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import json
 import shlex
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from huggingface_hub import HfApi, ModelCard
@@ -20,6 +20,7 @@ from finetune.hub import card as cards
 from finetune.hub import client
 from finetune.hub.card import CARD_NAME
 from finetune.hub.push import Files, FolderKind, run_files
+from finetune.report import spread, write_glue_report
 from finetune.tasks.glue import GLUE_DATASET
 
 
@@ -54,13 +55,8 @@ def write_results(
     (out / RESULTS_JSON).write_text(json.dumps(document, indent=2) + "\n")
     if final:
         (out / RESULTS_MD).write_text(markdown_table(document))
-        write_chart(out, document)
+        write_glue_report(out, document, write_chart(out, document))
     return document
-
-
-def percent(stats: dict[str, Any]) -> str:
-    shown = f"{100 * stats['mean']:.1f}"
-    return shown + (f" ± {100 * stats['std']:.1f}" if len(stats["values"]) > 1 else "")
 
 
 def markdown_table(document: dict) -> str:
@@ -77,11 +73,11 @@ def markdown_table(document: dict) -> str:
     ]
     for name, task in document["tasks"].items():
         metrics = "; ".join(
-            f"{metric}{'' if split == 'validation' else f' ({split})'} {percent(stats)}"
+            f"{metric}{'' if split == 'validation' else f' ({split})'} {spread(stats)}"
             for split, values in task["metrics"].items()
             for metric, stats in values.items()
         )
-        score = percent(task["score"]) if task.get("score") else ""
+        score = spread(task["score"]) if task.get("score") else ""
         notes = "; ".join(
             filter(None, [task.get("reason"), task.get("note"),
                           ", ".join(f"{f}: {n} rows" for f, n in task["submission"].items())])
