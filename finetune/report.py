@@ -148,7 +148,7 @@ def summary(run: RunFiles) -> str:
         ("model", esc(run.setting("model", "model_name_or_path"))),
         ("task", esc(" / ".join(str(v) for v in (run.family, run.setting("data", "task_name")) if v))),
         (f"{run.split or 'validation'} {run.metric or 'metric'}", number(best)),
-        ("train time", f"{number(train.get('train_runtime'))} s"),
+        ("train time", "-" if train.get("train_runtime") is None else f"{train['train_runtime']:.0f} s"),
         ("train samples/s", number(train.get("train_samples_per_second"))),
     ]
     return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
