@@ -140,14 +140,26 @@ def png(figure: Any) -> bytes:
 # -- sections ---------------------------------------------------------------------------------------------------
 
 
+def best_value(evaluated: Mapping[str, Mapping[str, Any]], metric: str | None) -> float | None:
+    """The value of the metric that picked the best checkpoint, on the first evaluated split. Several eval
+    splits prefix it with the split's name (MNLI: ``validation_matched_accuracy``)."""
+    if not metric or not evaluated:
+        return None
+    key = metric.removeprefix("eval_")
+    for split, values in evaluated.items():
+        if key.startswith(f"{split}_") and len(evaluated) > 1:
+            return values.get(key.removeprefix(f"{split}_"))
+    return next(iter(evaluated.values())).get(key)
+
+
 def summary(run: RunFiles) -> str:
     train = run.metrics.get("train", {})
     evaluated = run.metrics.get("eval", {})
-    best = evaluated.get(run.split or "", {}).get(run.metric or "") if run.metric else None
+    best = best_value(evaluated, run.metric)
     facts = [
         ("model", esc(run.setting("model", "model_name_or_path"))),
         ("task", esc(" / ".join(str(v) for v in (run.family, run.setting("data", "task_name")) if v))),
-        (f"{run.split or 'validation'} {run.metric or 'metric'}", number(best)),
+        (f"{run.split or 'validation'} {(run.metric or 'metric').removeprefix(f'{run.split}_')}", number(best)),
         ("train time", "-" if train.get("train_runtime") is None else f"{train['train_runtime']:.0f} s"),
         ("train samples/s", number(train.get("train_samples_per_second"))),
     ]

@@ -12,11 +12,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from finetune.errors import FinetuneError
+from finetune.report import best_value
 
 RUN_FILES = ("metrics.json", "finetune_config.yaml")
 HEADER = ("run", "model", "task", "metric", "value", "time", "samples/s")
@@ -54,13 +54,7 @@ def summarize(path: Path, root: Path) -> RunSummary:
     metrics = json.loads((path / "metrics.json").read_text())
     data, training = config.get("data") or {}, config.get("training") or {}
     metric = training.get("metric_for_best_model") or "-"
-    evaluated: dict[str, Any] = next(iter((metrics.get("eval") or {}).values()), {})
-    key = metric.removeprefix("eval_")
-    # MNLI picks its model by "validation_matched_accuracy": the split's name, then the metric
-    value = evaluated.get(key)
-    if value is None:
-        value = next((v.get(key.split("_", 2)[-1]) for s, v in (metrics.get("eval") or {}).items()
-                      if key.startswith(f"{s}_")), None)
+    value = best_value(metrics.get("eval") or {}, metric)
     train = metrics.get("train") or {}
     return RunSummary(
         run=str(path.relative_to(root)) if path != root else path.name,

@@ -107,7 +107,12 @@ def test_two_process_evaluation_equals_one_process(two_process_run, tmp_path: Pa
     # would be off by 100%.
     assert double["loss"] == pytest.approx(during_training["loss"], rel=1e-6)
     assert double["loss"] == pytest.approx(single["loss"], rel=1e-2)
-    assert read_jsonl(two / "predictions_validation.jsonl") == read_jsonl(one / "predictions_validation.jsonl")
+    # Same records; the predicted class's probability comes from logits that differ in the last float digits
+    # between batch layouts, like the loss.
+    records = {n: read_jsonl(path / "predictions_validation.jsonl") for n, path in (("one", one), ("two", two))}
+    confidence = {n: [r.pop("confidence") for r in rows] for n, rows in records.items()}
+    assert records["two"] == records["one"]
+    assert confidence["two"] == pytest.approx(confidence["one"], abs=1e-5)
 
 
 @pytest.mark.slow

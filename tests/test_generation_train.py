@@ -79,7 +79,7 @@ def test_summarization_trains_generates_and_scores(arch: str, tiny_model_dir, tm
     assert generation["no_repeat_ngram_size"] == 3
     records = read_jsonl(out / "generated_predictions.jsonl")
     assert len(records) == 3
-    assert all(set(r) == {"index", "source", "references", "prediction"} for r in records)
+    assert all(set(r) == {"index", "source", "references", "prediction", "baseline"} for r in records)
     assert all(isinstance(r["prediction"], str) and len(r["references"]) == 1 for r in records)
     articles = {row["document"]: row["summary"] for row in read_jsonl(XSUM)}
     assert all(articles.get(r["source"]) == r["references"][0] for r in records)

@@ -69,6 +69,12 @@ def test_mnli_matched_mismatched_then_ax(mnli_mirror: Path, tiny_model_dir, tmp_
     state = read_json(out / "trainer_state.json")
     assert state["best_metric"] == pytest.approx(evaluated["validation_matched"]["accuracy"])
     assert len(read_jsonl(out / "predictions_validation_mismatched.jsonl")) == 11
+    # the run report: the best model's matched accuracy, and a 3 x 3 confusion matrix of the matched split
+    page = (out / "report.html").read_text()
+    accuracy = f"{evaluated['validation_matched']['accuracy']:.4f}".rstrip("0").rstrip(".")
+    assert f"<dt>validation_matched accuracy</dt><dd>{accuracy}</dd>" in page
+    matrix = page[page.index('id="confusion-matrix"'):page.index('id="per-class"')]
+    assert "validation_matched, 13 examples" in matrix and matrix.count("<tr>") == 1 + 3
 
     assert main(["predict", str(out)]) == 0
     assert len(read_jsonl(out / "predictions_test_matched.jsonl")) == 7

@@ -62,6 +62,7 @@ def mrpc_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_a_run_writes_a_self_contained_report(mrpc_run: Path) -> None:
+    assert not (mrpc_run / "runs").exists()  # no tracker by default (--report_to none): no event files
     page = (mrpc_run / REPORT_NAME).read_text()
     # no server, network or script needed: nothing is fetched, every image is inline
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)

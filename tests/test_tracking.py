@@ -35,13 +35,6 @@ def test_tensorboard_event_files_hold_the_runs_curves(tiny_model_dir, tmp_path: 
     assert events.Scalars("eval/f1")[0].value == pytest.approx(first_eval["eval_f1"])
 
 
-def test_no_tracker_by_default(tiny_model_dir, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    assert tiny_run(tiny_model_dir("bert"), out, "--num_train_epochs", "1") == 0
-    assert not (out / "runs").exists()
-    assert read_json(out / "trainer_state.json")["log_history"]  # the curves are in the run's own files
-
-
 def test_trackers_by_comma_list_and_one_line_errors(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(tracking.EXTRAS, "trackio", ("trackio", lambda: True))
     assert tracking.checked_report_to("none") == []
