@@ -111,8 +111,9 @@ def test_metric_specs_with_options() -> None:
             parse_metrics(bad)
 
 
-def test_custom_metrics_with_options_on_three_classes() -> None:
-    flags = ["--train_file", "x.csv", "--metric", "f1:average=macro,f1:average=micro,accuracy"]
+def test_custom_metrics_with_options_on_three_classes(tmp_path) -> None:
+    (tmp_path / "x.csv").write_text("sentence,label\na,0\n")  # the config checks that the file exists
+    flags = ["--train_file", str(tmp_path / "x.csv"), "--metric", "f1:average=macro,f1:average=micro,accuracy"]
     task = GlueTask(parse_run_config(None, flags))
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 60)

@@ -113,15 +113,17 @@ def test_glue_metrics_equal_the_old_ones(task_name: str) -> None:
     assert list(new)[: len(preset.metrics)] == list(preset.metrics)  # the leaderboard's order, as before
 
 
-def test_custom_classification_and_regression_equal_the_old_ones() -> None:
+def test_custom_classification_and_regression_equal_the_old_ones(tmp_path) -> None:
+    custom = tmp_path / "x.csv"
+    custom.write_text("sentence,label\na,0\n")  # the config checks that the file exists
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 100)
     logits = rng.normal(size=(100, 4))
-    task = glue_task("--train_file", "x.csv")
+    task = glue_task("--train_file", str(custom))
     new = task.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
     assert_same({k: v for k, v in new.items() if k != "examples"}, old_score(["accuracy"], logits.argmax(-1), labels))
 
-    task = glue_task("--train_file", "x.csv")
+    task = glue_task("--train_file", str(custom))
     task.is_regression = True  # what load_raw_datasets finds for float labels
     scores = rng.normal(size=100).astype(np.float32)
     noisy = (scores + rng.normal(size=100)).astype(np.float32)
@@ -146,8 +148,9 @@ def test_rouge_equals_the_old_one_with_several_references_per_example() -> None:
 
 
 def test_rouge_equals_the_old_one_on_xsum_documents() -> None:
-    task = SummarizationTask(parse_run_config(None, ["--task", "summarization", "--train_file", "x.jsonl"]))
-    rows = [json.loads(line) for line in (SAMPLES / "xsum_sample/sample.jsonl").read_text().splitlines()]
+    xsum = SAMPLES / "xsum_sample/sample.jsonl"
+    task = SummarizationTask(parse_run_config(None, ["--task", "summarization", "--train_file", str(xsum)]))
+    rows = [json.loads(line) for line in xsum.read_text().splitlines()]
     predictions = [first_sentence(r["document"]) for r in rows]
     references = [[r["summary"]] for r in rows]
     assert_same(task.score(predictions, references), old_rouge(predictions, references))
