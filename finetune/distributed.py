@@ -1,6 +1,6 @@
 """What `accelerate launch` asked for is what runs: process groups on CPU, FSDP on CPU, no silent lone process.
 
-accelerate 1.15 has three gaps that would otherwise make a distributed config quietly do something else:
+accelerate 1.15 has gaps that would otherwise make a distributed config quietly do something else:
 
 - Workers started through torchrun (``MULTI_GPU``, FSDP and DeepSpeed configs, ``--multi_gpu``) are not
   told about ``use_cpu``; on a machine without CUDA each would set up no process group and train its own
@@ -11,6 +11,11 @@ accelerate 1.15 has three gaps that would otherwise make a distributed config qu
 - ``--cpu``, ``distributed_type: NO``/``MULTI_CPU`` or a missing ``--multi_gpu`` make ``accelerate launch``
   start ONE process even when it was given several processes or machines (it then expects mpirun, or
   the user, to start the others). ``refuse_lone_worker`` turns that into a one-line error.
+- DeepSpeed on a machine without CUDA needs the gloo backend named in ``ddp_backend`` and no
+  ``ACCELERATE_USE_CPU`` (with it accelerate skips DeepSpeed): ``launch_setting_defaults``.
+
+Whatever the cause, a Trainer whose Accelerator is not the engine and process count that were launched
+stops with a one-line error (``FsdpTrainerMixin.create_accelerator_and_postprocess``).
 """
 
 from __future__ import annotations
