@@ -584,7 +584,7 @@ def parse_run_config(
             name: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
             for name, cls in CONFIG_SECTIONS.items()
         }
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, ImportError, OSError) as error:  # TrainingArguments' own checks
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
     check_peft_settings(sections["peft"], explicit)
     return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))

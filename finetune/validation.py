@@ -13,6 +13,7 @@ values against these rules, and fails when a numeric field has no rule.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -124,7 +125,37 @@ class LocalPath:
         return None
 
 
-Rule = Number | Choice | LocalPath
+@dataclass(frozen=True)
+class Structured:
+    """A JSON object (``{"key": value}``), or with ``file`` also the path of a file holding one;
+    ``pairs``: instead ``key=value,key=value`` (TrainingArguments' optim_args)."""
+
+    file: bool = False
+    pairs: bool = False
+    kind: Literal["structured"] = "structured"
+
+    def problem(self, name: str, value: Any) -> str | None:
+        if value is None or isinstance(value, dict) or value == "":
+            return None
+        text = str(value).strip()
+        if self.pairs:
+            if all(len(item.split("=")) == 2 and item.split("=")[0] for item in text.replace(" ", "").split(",")):
+                return None
+            return f"{flag_value(name, value)}: must be key=value pairs separated by commas"
+        if text.startswith("{"):
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as error:
+                return f"{flag_value(name, value)}: not valid JSON ({error.msg} at column {error.colno})"
+            return None if isinstance(loaded, dict) else f"{flag_value(name, value)}: must be a JSON object"
+        if self.file:
+            if Path(text).expanduser().is_file():
+                return None
+            return f"{flag_value(name, value)}: no such file (or give a JSON object)"
+        return f"{flag_value(name, value)}: must be a JSON object such as '{{\"key\": 1}}'"
+
+
+Rule = Number | Choice | LocalPath | Structured
 
 
 def at_least(low: int) -> Number:
@@ -151,6 +182,12 @@ def reporting_integrations() -> list[str]:
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
     return ["none", "all", *INTEGRATION_TO_CALLBACK]
+
+
+def dynamo_backends() -> list[str]:
+    from accelerate.utils import DynamoBackend
+
+    return [backend.value.lower() for backend in DynamoBackend]
 
 
 def task_families() -> list[str]:
@@ -222,6 +259,14 @@ RULES: dict[str, Rule] = {
     "log_level": Choice(LOG_LEVELS),
     "log_level_replica": Choice(LOG_LEVELS),
     "report_to": Choice(reporting_integrations, many=True),
+    "torch_compile_backend": Choice(dynamo_backends),
+    "optim_args": Structured(pairs=True),
+    "lr_scheduler_kwargs": Structured(),
+    "activation_checkpointing_kwargs": Structured(),
+    "gradient_checkpointing_kwargs": Structured(),
+    "accelerator_config": Structured(file=True),
+    "fsdp_config": Structured(file=True),
+    "deepspeed": Structured(file=True),
     "torch_compile_mode": Choice(("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
     "dataloader_multiprocessing_context": Choice(("fork", "spawn", "forkserver")),
     "ddp_backend": Choice(("nccl", "gloo", "mpi", "ccl", "hccl", "cncl", "mccl", "xccl")),
@@ -267,6 +312,13 @@ def new_tokens_in_order(generation: Any) -> str | None:
     return None
 
 
+def gguf_file_in_local_model(model: Any) -> str | None:
+    folder = Path(model.model_name_or_path).expanduser()
+    if model.gguf_file and folder.is_dir() and not (folder / model.gguf_file).is_file():
+        return f"--gguf_file {model.gguf_file}: no such file in the model folder {model.model_name_or_path}"
+    return None
+
+
 def one_precision(training: Any) -> str | None:
     if training.bf16 and training.fp16:
         return "--bf16 and --fp16 are both true: choose one mixed precision"
@@ -286,6 +338,7 @@ def ranges_in_order(tune: Any) -> str | None:
 
 #: rules between the fields of one section, by dataclass name
 AGREEMENT: dict[str, tuple[Callable[[Any], str | None], ...]] = {
+    "ModelConfig": (gguf_file_in_local_model,),
     "GenerationSettings": (new_tokens_in_order,),
     "TrainConfig": (one_precision,),
     "TuneConfig": (ranges_in_order,),

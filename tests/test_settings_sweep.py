@@ -3,8 +3,8 @@
 For every field of every section (``finetune.config.CONFIG_SECTIONS``), by its type:
 - numbers: 0, -1, NaN, inf (floats), and a huge value;
 - paths (``LocalPath`` rules in ``finetune.validation.RULES``): a path that does not exist;
-- choices (an Enum in the type, argparse ``choices`` in the field metadata, or a ``Choice`` rule), and
-  booleans: a wrong word.
+- choices (an Enum in the type, argparse ``choices`` in the field metadata, or a ``Choice`` rule),
+  structured values (a ``Structured`` rule: JSON objects, key=value pairs) and booleans: a wrong word.
 Each case runs ``finetune train`` in-process on the tiny bert and an 8-row CSV, and must end with
 - exit 0 (a legal value: it trained), or
 - exit 2 with exactly one ``finetune: error:`` line, no traceback, and nothing written into output_dir
@@ -17,7 +17,7 @@ Legal values that would make the run long or heavy are only parsed, not trained 
 huge ``max_steps``, and a huge number of worker processes. Every other case trains at most 2 steps
 (``--max_steps 2`` comes first on the command line; the case's own flag comes last and wins).
 
-Free-text settings (column names, ids, kwargs) have no wrong word to try and are not generated here.
+Free-text settings (column names, ids, names) have no wrong word to try and are not generated here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pytest
 
 from finetune.cli import main
 from finetune.config import CONFIG_SECTIONS
-from finetune.validation import RULES, Choice, LocalPath, Number
+from finetune.validation import RULES, Choice, LocalPath, Number, Structured
 
 HUGE_INT = str(10**12)
 HUGE_FLOAT = "1e30"
@@ -51,7 +51,7 @@ def kind_of(field: dataclasses.Field, hint: object) -> str | None:
     args = typing.get_args(hint) or (hint,)
     if isinstance(rule, LocalPath):
         return "path"
-    if isinstance(rule, Choice) or "choices" in field.metadata:
+    if isinstance(rule, (Choice, Structured)) or "choices" in field.metadata:
         return "choice"
     if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
         return "choice"
@@ -109,7 +109,7 @@ def test_case_count() -> None:
     """Adding or removing a setting changes this number: the sweep grows with the config by itself."""
     kinds = Counter(case for _, _, case, _ in CASES)
     print(f"{len(CASES)} generated cases: {dict(kinds)}")
-    assert len(CASES) == 290, kinds
+    assert len(CASES) == 298, kinds
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def forbidden_by_rule(name: str, value: str) -> bool:
     rule = RULES.get(name)
     if isinstance(rule, Number):
         return rule.problem(name, float(value)) is not None
-    if isinstance(rule, Choice):
+    if isinstance(rule, (Choice, Structured)):
         return rule.problem(name, value) is not None
     return isinstance(rule, LocalPath)
 

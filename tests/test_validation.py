@@ -121,6 +121,11 @@ def test_rule_messages_name_flag_value_and_what_is_allowed(tmp_path) -> None:
         ("--min_new_tokens", "9", "--max_new_tokens", "4"): "--min_new_tokens 9: must be <= --max_new_tokens (4)",
         ("--bf16", "true", "--fp16", "true"): "--bf16 and --fp16 are both true",
         ("--resume_from_checkpoint", str(tmp_path)): "has no trainer_state.json; not a complete checkpoint",
+        ("--lr_scheduler_kwargs", "{'min_lr': 1}"): "--lr_scheduler_kwargs {'min_lr': 1}: not valid JSON",
+        ("--optim_args", "betas"): "--optim_args betas: must be key=value pairs separated by commas",
+        ("--deepspeed", "ds.json"): "--deepspeed ds.json: no such file (or give a JSON object)",
+        ("--torch_compile_backend", "inductr"): "--torch_compile_backend inductr: must be one of no, eager,",
+        ("--model_name_or_path", str(tmp_path), "--gguf_file", "m.gguf"): "--gguf_file m.gguf: no such file in the",
     }
     for argv, message in cases.items():
         with pytest.raises(FinetuneError) as raised:
