@@ -25,7 +25,7 @@ from finetune import metrics
 from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
 from finetune.tasks import task_class
-from finetune.validation import check_section
+from finetune.validation import check_run, check_section
 
 
 @dataclass
@@ -587,6 +587,7 @@ def parse_run_config(
     except (ValueError, TypeError, ImportError, OSError) as error:  # TrainingArguments' own checks
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
     check_peft_settings(sections["peft"], explicit)
+    check_run(sections["data"], sections["training"])  # rules between sections (finetune/validation.py)
     return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))
 
 

@@ -106,6 +106,13 @@ class Task(ABC):
         """Metric (without the ``eval_`` prefix) that picks the best checkpoint of a preset (None: custom data);
         higher is better. Known before any model or data is loaded: the config resolves it at parse time."""
 
+    @classmethod
+    def metric_names_of(cls, task_name: str | None) -> frozenset[str] | None:
+        """Every metric (without ``eval_``) an evaluation of a preset reports, so that a --metric_for_best_model
+        it never reports is refused at parse time, not by a KeyError after the first epoch. None: not known
+        before the data is read (not checked)."""
+        return None
+
     @property
     def best_metric(self) -> str:
         """This run's metric for the best checkpoint (where the data decides it, it may differ from the preset's;

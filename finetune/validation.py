@@ -135,7 +135,7 @@ class Structured:
     kind: Literal["structured"] = "structured"
 
     def problem(self, name: str, value: Any) -> str | None:
-        if value is None or isinstance(value, dict) or value == "":
+        if not isinstance(value, str) or value == "":  # None, a dict, or already built (AcceleratorConfig)
             return None
         text = str(value).strip()
         if self.pairs:
@@ -302,6 +302,19 @@ def check_section(section: Any) -> None:
     problems = section_problems(section)
     if problems:
         raise FinetuneError(problems[0])
+
+
+def check_run(data: Any, training: Any) -> None:
+    """Rules between sections: the metric that picks the best checkpoint must be one the task reports."""
+    from finetune.tasks import task_class
+
+    metric = training.metric_for_best_model
+    known = task_class(data.task).metric_names_of(data.task_name)
+    if metric and known is not None and metric.removeprefix("eval_") not in known:
+        preset = f"{data.task} task {data.task_name}" if data.task_name else f"{data.task} on custom data"
+        raise FinetuneError(
+            f"--metric_for_best_model {metric}: must be one of {', '.join(sorted(known))} (what {preset} reports)"
+        )
 
 
 def new_tokens_in_order(generation: Any) -> str | None:

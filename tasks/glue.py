@@ -387,6 +387,18 @@ class GlueTask(Task):
     def best_metric_of(cls, task_name: str | None) -> str:
         return (cls.preset_named(task_name) or CUSTOM).best_metric
 
+    @classmethod
+    def metric_names_of(cls, task_name: str | None) -> frozenset[str]:
+        # Custom data is classification or regression depending on its labels: either set of metrics.
+        rows = [cls.preset_named(task_name)] if task_name else [CUSTOM, CUSTOM_REGRESSION]
+        names = set()
+        for row in rows:
+            per_split = {"loss", "examples", *row.metrics, *(["combined_score"] if len(row.metrics) > 1 else [])}
+            # With several evaluation splits (MNLI matched/mismatched) the Trainer prefixes each with its split.
+            splits = row.eval_splits if len(row.eval_splits) > 1 else ("",)
+            names |= {f"{split}_{name}" if split else name for split in splits for name in per_split}
+        return frozenset(names)
+
     @property
     def best_metric(self) -> str:
         if self.config.data.metric:

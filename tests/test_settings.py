@@ -37,13 +37,14 @@ def saved(out: Path) -> dict:
     return yaml.safe_load((out / "finetune_config.yaml").read_text())
 
 
-def test_derived_settings_are_decided_at_parse_time() -> None:
+def test_derived_settings_are_decided_at_parse_time(tmp_path: Path) -> None:
     cola = parse_run_config("glue-cola")
     assert cola.training.output_dir == str(Path("runs") / "glue-cola")
     assert (cola.training.metric_for_best_model, cola.training.greater_is_better) == ("matthews_correlation", True)
     assert parse_run_config(None, ["--task", "summarization"]).training.metric_for_best_model == "rougeL"
     assert parse_run_config(None, ["--task", "translation"]).training.metric_for_best_model == "sacrebleu"
-    custom = parse_run_config(None, ["--train_file", "x.csv"])
+    (tmp_path / "x.csv").write_text("sentence,label\ngood,1\n")  # data files must exist (finetune.validation)
+    custom = parse_run_config(None, ["--train_file", str(tmp_path / "x.csv")])
     assert (custom.training.metric_for_best_model, custom.training.output_dir) == ("accuracy", str(Path("runs/glue")))
     # what the user sets stays, and TrainingArguments derives the rest from it
     loss = parse_run_config("glue-cola", ["--metric_for_best_model", "loss", "--output_dir", "here"])

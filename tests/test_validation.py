@@ -126,7 +126,13 @@ def test_rule_messages_name_flag_value_and_what_is_allowed(tmp_path) -> None:
         ("--deepspeed", "ds.json"): "--deepspeed ds.json: no such file (or give a JSON object)",
         ("--torch_compile_backend", "inductr"): "--torch_compile_backend inductr: must be one of no, eager,",
         ("--model_name_or_path", str(tmp_path), "--gguf_file", "m.gguf"): "--gguf_file m.gguf: no such file in the",
+        ("--metric_for_best_model", "f2"): "--metric_for_best_model f2: must be one of accuracy, combined_score, "
+                                           "examples, f1, loss (what glue task mrpc reports)",
+        ("--task_name", "cola", "--metric_for_best_model", "eval_f1"): "--metric_for_best_model eval_f1: must be one "
+                                                                       "of examples, loss, matthews_correlation",
     }
+    for legal in ("eval_f1", "loss", "combined_score"):
+        assert parse_run_config("glue-mrpc", ["--metric_for_best_model", legal]).training.metric_for_best_model
     for argv, message in cases.items():
         with pytest.raises(FinetuneError) as raised:
             parse_run_config("glue-mrpc", list(argv))
