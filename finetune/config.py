@@ -24,8 +24,8 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrate
 from finetune import metrics
 from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
-from finetune.tasks import task_class
-from finetune.validation import check_run, check_section
+from finetune.tasks import FAMILIES, task_class
+from finetune.validation import check_section, metric_problem
 
 
 @dataclass
@@ -71,7 +71,10 @@ class DataConfig:
 
     task: str = field(
         default="glue",
-        metadata={"help": "Task family: glue (sentence classification), summarization or translation."},
+        metadata={
+            "help": "Task family: glue (sentence classification), summarization or translation.",
+            "choices": list(FAMILIES),
+        },
     )
     task_name: str | None = field(
         default=None,
@@ -303,6 +306,9 @@ class PeftSettings:
         default=False,
         metadata={"help": "After training, merge the adapter into the base weights and save the full model instead."},
     )
+
+    def __post_init__(self) -> None:
+        check_section(self)  # finetune/validation.py: every field's rule, before anything is loaded
 
 
 def _training_default(name: str, value: Any, help: str | None = None) -> Any:
@@ -587,8 +593,19 @@ def parse_run_config(
     except (ValueError, TypeError, ImportError, OSError) as error:  # TrainingArguments' own checks
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
     check_peft_settings(sections["peft"], explicit)
-    check_run(sections["data"], sections["training"])  # rules between sections (finetune/validation.py)
+    check_best_metric(sections["data"], sections["training"])
     return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))
+
+
+def check_best_metric(data: DataConfig, training: TrainConfig) -> None:
+    """The metric that picks the best checkpoint must be one the task reports (else: a KeyError after an epoch)."""
+    problem = metric_problem(
+        training.metric_for_best_model,
+        task_class(data.task).metric_names_of(data.task_name),
+        f"{data.task} task {data.task_name}" if data.task_name else f"{data.task} on custom data",
+    )
+    if problem:
+        raise FinetuneError(problem)
 
 
 def check_peft_settings(peft: PeftSettings, explicit: set[str]) -> None:

@@ -190,19 +190,12 @@ def dynamo_backends() -> list[str]:
     return [backend.value.lower() for backend in DynamoBackend]
 
 
-def task_families() -> list[str]:
-    from finetune.tasks import FAMILIES
-
-    return list(FAMILIES)
-
-
 RULES: dict[str, Rule] = {
     # model
     "model_name_or_path": LocalPath("folder", if_local=True),
     "tokenizer_name": LocalPath("folder", if_local=True),
     "attn_implementation": Choice(attention_kernels, also=lambda name: "/" in name),
     # data
-    "task": Choice(task_families),
     "train_file": LocalPath("file"),
     "validation_file": LocalPath("file"),
     "test_file": LocalPath("file"),
@@ -280,6 +273,10 @@ RULES: dict[str, Rule] = {
     "batch_sizes": Number(low=1, high=MAX_BATCH_SIZE, integer=True),
     "epoch_choices": at_least(1),
     "pruner": Choice(("median", "none")),
+    # peft (check_peft_settings in finetune.config adds the rules between them)
+    "lora_r": at_least(1),
+    "lora_alpha": POSITIVE,
+    "lora_dropout": Number(low=0, high=1, high_open=True),
     "resume_from_checkpoint": LocalPath("folder", special=("last",), containing="trainer_state.json",
                                         without_it="; not a complete checkpoint"),
 }
@@ -304,17 +301,11 @@ def check_section(section: Any) -> None:
         raise FinetuneError(problems[0])
 
 
-def check_run(data: Any, training: Any) -> None:
-    """Rules between sections: the metric that picks the best checkpoint must be one the task reports."""
-    from finetune.tasks import task_class
-
-    metric = training.metric_for_best_model
-    known = task_class(data.task).metric_names_of(data.task_name)
+def metric_problem(metric: str | None, known: frozenset[str] | None, reporter: str) -> str | None:
+    """A --metric_for_best_model that ``reporter`` (a task) never reports; ``known`` None: not known in advance."""
     if metric and known is not None and metric.removeprefix("eval_") not in known:
-        preset = f"{data.task} task {data.task_name}" if data.task_name else f"{data.task} on custom data"
-        raise FinetuneError(
-            f"--metric_for_best_model {metric}: must be one of {', '.join(sorted(known))} (what {preset} reports)"
-        )
+        return f"--metric_for_best_model {metric}: must be one of {', '.join(sorted(known))} (what {reporter} reports)"
+    return None
 
 
 def new_tokens_in_order(generation: Any) -> str | None:

@@ -43,9 +43,9 @@ def one_error(capsys) -> str:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--use_peft", "true", "--lora_r", "0"], "lora_r (LoRA rank) must be a positive integer, got 0"),
-        (["--use_peft", "true", "--r", "-4"], "lora_r (LoRA rank) must be a positive integer, got -4"),
-        (["--use_peft", "true", "--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
+        (["--use_peft", "true", "--lora_r", "0"], "--lora_r 0: must be an integer >= 1"),
+        (["--use_peft", "true", "--r", "-4"], "--lora_r -4: must be an integer >= 1"),
+        (["--use_peft", "true", "--lora_dropout", "1.5"], "--lora_dropout 1.5: must be a number >= 0 and < 1"),
         (["--lora_r", "8"], "lora_r is a LoRA setting, but use_peft is false"),
         (["--use_peft", "true", "--load_in_4bit", "true", "--load_in_8bit", "true"], "exclude each other"),
     ],
