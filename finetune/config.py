@@ -259,6 +259,13 @@ class TuneConfig:
             "2 finished trials) or none."
         },
     )
+    backend: str = field(
+        default="optuna",
+        metadata={
+            "help": "optuna (in this process; study in output_dir/tune.db) or ray (Ray Tune: trials on a local or "
+            "RAY_ADDRESS cluster, one seed per trial; pip install 'finetune[ray]')."
+        },
+    )
     study_name: str | None = field(
         default=None, metadata={"help": "Name of the optuna study in output_dir/tune.db; default: the recipe's name."}
     )

@@ -32,6 +32,7 @@ from finetune.errors import FinetuneError
 from finetune.pipeline import build_task, eval_dataset_arg, tokenized_splits, trainable_model
 
 STUDY_FILE = "tune.db"
+RAY_FOLDER = "ray"
 RESULTS_CSV = "tune_results.csv"
 RESULTS_MD = "tune_results.md"
 PLOT_FILE = "tune_trials.png"
@@ -152,6 +153,30 @@ def hp_space(space: TuneConfig) -> Callable[[Any], dict[str, Any]]:
     return sample
 
 
+def ray_space(space: TuneConfig) -> Callable[[Any], dict[str, Any]]:
+    """The same space as Ray Tune distributions (the Trainer calls it once, with no trial)."""
+    from ray import tune as ray_tune
+
+    def ranged(bounds: list[float], log: bool = False) -> Any:
+        low, high = float(bounds[0]), float(bounds[-1])
+        return low if low == high else (ray_tune.loguniform if log else ray_tune.uniform)(low, high)
+
+    def chosen(choices: list[int]) -> Any:
+        choices = [int(c) for c in choices]
+        return choices[0] if len(choices) == 1 else ray_tune.choice(choices)
+
+    def sample(_: Any) -> dict[str, Any]:
+        return {
+            "learning_rate": ranged(space.learning_rate_range, log=True),
+            "per_device_train_batch_size": chosen(space.batch_sizes),
+            "num_train_epochs": chosen(space.epoch_choices),
+            "warmup_steps": ranged(space.warmup_range),
+            "weight_decay": ranged(space.weight_decay_range),
+        }
+
+    return sample
+
+
 def space_signature(config: RunConfig) -> dict[str, Any]:
     """What a resumed study must share with the one on disk (the budget n_trials may change)."""
     space = {k: v for k, v in vars(config.tune).items() if k not in ("n_trials", "study_name")}
@@ -174,8 +199,8 @@ class TuneResult:
 
 def tune(config: RunConfig) -> TuneResult:
     """Run (or resume) the search of ``config.tune`` on the config's task; write the report and best recipe."""
-    optuna = require_optuna()
     check_space(config.tune)
+    backend = require_backend(config.tune.backend)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FinetuneError("finetune tune runs in one process; start it without accelerate launch / torchrun")
     task = build_task(config)
@@ -205,12 +230,32 @@ def tune(config: RunConfig) -> TuneResult:
         None, tokenizer, tokenized["train"], eval_dataset_arg(tokenized, eval_splits), trial_callbacks(config),
         model_init=model_init,
     )
+    out.mkdir(parents=True, exist_ok=True)
+    name = config.tune.study_name or Path(str(config.recipe or config.data.task_name or "study")).stem
+    search = optuna_search if config.tune.backend == "optuna" else ray_search
+    rows, finished = search(backend, trainer, config, metric, out, name)
+    return write_results(rows, finished, config, recipe_document, metric, out)
+
+
+def require_backend(name: str) -> Any:
+    """The search library's module, or a one-line error naming the extra that installs it."""
+    if name == "optuna":
+        return require_optuna()
+    try:
+        import ray.tune
+    except ImportError:
+        raise FinetuneError("finetune tune --backend ray needs Ray Tune: pip install 'finetune[ray]'") from None
+    return ray.tune
+
+
+def optuna_search(
+    optuna: Any, trainer: Trainer, config: RunConfig, metric: str, out: Path, name: str
+) -> tuple[list[dict[str, Any]], int]:
+    """The optuna study in out/tune.db, resumed or created, run to n_trials; (table rows, finished trials)."""
+    args = config.training
     seeds = tuple(args.seed + i for i in range(config.tune.tune_seeds))  # (the Trainer's copy changes per seed)
     averaging_seeds(trainer, seeds)
-
-    out.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{out.resolve() / STUDY_FILE}")
-    name = config.tune.study_name or Path(str(config.recipe or config.data.task_name or "study")).stem
     direction = "maximize" if args.greater_is_better else "minimize"
     study = open_study(optuna, storage, name, direction, space_signature(config))
     remaining = config.tune.n_trials - len(finished_trials(study))
@@ -236,7 +281,48 @@ def tune(config: RunConfig) -> TuneResult:
             catch=(NonFiniteLoss,),  # a diverging setting fails its trial, not the search
         )
     study = optuna.load_study(study_name=name, storage=storage)
-    return write_results(study, config, recipe_document, metric, out)
+    return trial_rows(study, config), len(finished_trials(study))
+
+
+def ray_search(
+    ray_tune: Any, trainer: Trainer, config: RunConfig, metric: str, out: Path, name: str
+) -> tuple[list[dict[str, Any]], int]:
+    """The same search on Ray Tune (``ray.init`` reads RAY_ADDRESS, so a cluster runs the trials); one seed per
+    trial; the experiment in out/ray/<name> is resumed by the same command."""
+    args = config.training
+    maximize = bool(args.greater_is_better)
+    scheduler = None
+    if config.tune.pruner == "median":
+        scheduler = ray_tune.schedulers.MedianStoppingRule(
+            metric="objective", mode="max" if maximize else "min", min_samples_required=2
+        )
+    # A trial scores its best evaluation (as with optuna), not its last one.
+    os.environ.setdefault("RAY_SCOPE", "all")
+    best = trainer.hyperparameter_search(
+        hp_space=ray_space(config.tune),
+        compute_objective=lambda metrics: metrics[f"eval_{metric}"],
+        n_trials=config.tune.n_trials,
+        direction="maximize" if maximize else "minimize",
+        backend="ray",
+        # ray.tune.run: the experiment folder, resumed when it exists
+        storage_path=str((out / RAY_FOLDER).resolve()),
+        name=name,
+        resume="AUTO",
+        scheduler=scheduler,
+        verbose=1,
+    )
+    rows = []
+    for number, trial in enumerate(best.run_summary.trials):
+        scores = trial.metric_analysis.get("objective", {})
+        score = scores.get("max" if maximize else "min")
+        settings = {k: trial.config.get(k) for k in PARAM_COLUMNS}
+        seconds = (trial.last_result or {}).get("time_total_s")
+        rows.append({
+            "trial": number, "state": "complete" if trial.status == "TERMINATED" and score is not None else
+            trial.status.lower(), "score": score, "std": None, "seed_scores": "", **settings,
+            "minutes": round(seconds / 60, 2) if seconds else None,
+        })
+    return rows, sum(row["state"] == "complete" for row in rows)
 
 
 def trial_callbacks(config: RunConfig) -> list:
@@ -254,10 +340,11 @@ def trial_callbacks(config: RunConfig) -> list:
 
 
 def check_tune_dir(out: Path, overwrite: bool) -> None:
-    if out.is_dir() and any(out.iterdir()) and not (out / STUDY_FILE).is_file() and not overwrite:
+    holds_search = (out / STUDY_FILE).is_file() or (out / RAY_FOLDER).is_dir()
+    if out.is_dir() and any(out.iterdir()) and not holds_search and not overwrite:
         raise FinetuneError(
-            f"output_dir {out} is not empty and holds no search ({STUDY_FILE}); pass --overwrite_output_dir or "
-            "another --output_dir"
+            f"output_dir {out} is not empty and holds no search ({STUDY_FILE} or {RAY_FOLDER}/); pass "
+            "--overwrite_output_dir or another --output_dir"
         )
 
 
@@ -334,21 +421,23 @@ class _Fixed:
         return self.params.get(name)
 
 
-def write_results(study: Any, config: RunConfig, recipe_document: dict, metric: str, out: Path) -> TuneResult:
+def write_results(
+    rows: list[dict[str, Any]], finished: int, config: RunConfig, recipe_document: dict, metric: str, out: Path
+) -> TuneResult:
     from finetune.plots import tune_trials
 
-    rows = trial_rows(study, config)
-    completed = [row for row in rows if row["state"] == "complete"]
+    completed = [row for row in rows if row["state"] == "complete" and row["score"] is not None]
     if not completed:
-        raise FinetuneError(f"no trial of the search in {out} completed (see {RESULTS_MD}); nothing to recommend")
-    best = study.best_trial
-    files = [write_csv(rows, out / RESULTS_CSV), write_markdown(rows, best.number, metric, config, out / RESULTS_MD)]
-    plot = tune_trials(rows, metric, study.direction.name.lower() == "maximize", out / PLOT_FILE)
+        raise FinetuneError(f"no trial of the search in {out} completed; nothing to recommend")
+    maximize = bool(config.training.greater_is_better)
+    best = (max if maximize else min)(completed, key=lambda row: row["score"])
+    files = [write_csv(rows, out / RESULTS_CSV), write_markdown(rows, best["trial"], metric, config, out / RESULTS_MD)]
+    plot = tune_trials(rows, metric, maximize, out / PLOT_FILE)
     if plot is not None:
         files.append(plot)
-    best_settings = hp_space(config.tune)(_Fixed(best.params))
-    files.append(write_best_recipe(recipe_document, best_settings, best, metric, config, out / BEST_RECIPE))
-    return TuneResult(out, best.value, best_settings, len(finished_trials(study)), files)
+    settings = {k: best[k] for k in PARAM_COLUMNS}
+    files.append(write_best_recipe(recipe_document, settings, best, metric, config, out / BEST_RECIPE))
+    return TuneResult(out, best["score"], settings, finished, files)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -396,19 +485,19 @@ def recipe_of(config: RunConfig) -> dict[str, Any]:
 
 
 def write_best_recipe(
-    document: dict[str, Any], settings: dict[str, Any], best: Any, metric: str, config: RunConfig, path: Path
+    document: dict[str, Any], settings: dict[str, Any], best: dict[str, Any], metric: str, config: RunConfig,
+    path: Path,
 ) -> Path:
     training = {**document.get("training", {}), **settings}
     recipe = {**document, "training": training}
     seeds = config.tune.tune_seeds
-    scores = best.user_attrs.get("seed_scores", [])
-    spread = f" +- {np.std(scores):.4f}" if len(scores) > 1 else ""
+    spread = f" +- {best['std']:.4f}" if best["std"] is not None else ""
     source = f" (search from recipe {config.recipe})" if config.recipe else ""
     header = [
         f"# {config.data.task} {config.data.task_name or ''} with {config.model.model_name_or_path}: settings found by "
         f"finetune tune{source}",
-        f"# trial {best.number}: validation {metric} {best.value:.4f}{spread}, mean of {seeds} seed(s) from "
-        f"seed {config.training.seed}; searched {config.tune.n_trials} trials",
+        f"# trial {best['trial']}: validation {metric} {best['score']:.4f}{spread}, mean of {seeds} seed(s) from "
+        f"seed {config.training.seed}; searched {config.tune.n_trials} trials ({config.tune.backend})",
     ]
     path.write_text("\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
     return path

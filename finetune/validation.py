@@ -273,6 +273,7 @@ RULES: dict[str, Rule] = {
     "batch_sizes": Number(low=1, high=MAX_BATCH_SIZE, integer=True),
     "epoch_choices": at_least(1),
     "pruner": Choice(("median", "none")),
+    "backend": Choice(("optuna", "ray")),
     # peft (check_peft_settings in finetune.config adds the rules between them)
     "lora_r": at_least(1),
     "lora_alpha": POSITIVE,
@@ -340,10 +341,16 @@ def ranges_in_order(tune: Any) -> str | None:
     return None
 
 
+def one_seed_on_ray(tune: Any) -> str | None:
+    if tune.backend == "ray" and tune.tune_seeds > 1:
+        return f"--tune_seeds {tune.tune_seeds}: the ray backend trains one seed per trial; use --backend optuna"
+    return None
+
+
 #: rules between the fields of one section, by dataclass name
 AGREEMENT: dict[str, tuple[Callable[[Any], str | None], ...]] = {
     "ModelConfig": (gguf_file_in_local_model,),
     "GenerationSettings": (new_tokens_in_order,),
     "TrainConfig": (one_precision,),
-    "TuneConfig": (ranges_in_order,),
+    "TuneConfig": (ranges_in_order, one_seed_on_ray),
 }

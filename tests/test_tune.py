@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -107,3 +108,34 @@ def test_tune_without_optuna_is_one_line(monkeypatch, tmp_path: Path, capsys) ->
 def test_tune_space_errors(tmp_path: Path, capsys) -> None:
     assert main(["tune", "glue-mrpc", "--learning_rate_range", "1e-3", "1e-5", "--output_dir", str(tmp_path)]) == 2
     assert "--learning_rate_range 0.001 1e-05: must be one value or 'low high'" in capsys.readouterr().err
+    assert main(["tune", "glue-mrpc", "--backend", "ray", "--tune_seeds", "2", "--output_dir", str(tmp_path)]) == 2
+    assert "--tune_seeds 2: the ray backend trains one seed per trial" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tune_on_a_local_ray_instance_and_resume(tiny_model_dir, tmp_path: Path) -> None:
+    """--backend ray: Trainer.hyperparameter_search on Ray Tune (local instance); the rerun resumes the experiment.
+
+    Ray is an optional extra (pip install 'finetune[ray]'), so this is skipped where it is not installed.
+    """
+    pytest.importorskip("ray.tune")
+    out = tmp_path / "ray-search"
+    command = [*tune_command(tiny_model_dir("bert"), out), "--backend", "ray", "--tune_seeds", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = (out / "tune_results.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",complete," in row for row in rows[1:])
+    trial_folders = sorted(p.name for p in (out / "ray" / "glue-mrpc").glob("_objective_*"))
+    assert len(trial_folders) == 2
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in (out / "ray" / "glue-mrpc").glob("_objective_*")) == trial_folders  # no new trial
+    assert "2 trials finished" in again.stdout
+    from finetune.config import parse_run_config
+
+    table = list(csv.DictReader((out / "tune_results.csv").open()))
+    best = min(table, key=lambda row: float(row["score"]))  # eval loss: lower is better
+    config = parse_run_config(str(out / "best_recipe.yaml"))
+    assert config.training.learning_rate == pytest.approx(float(best["learning_rate"]))
