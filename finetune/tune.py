@@ -139,7 +139,7 @@ def hp_space(space: TuneConfig) -> Callable[[Any], dict[str, Any]]:
         return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, choices)
 
     def sample(trial) -> dict[str, Any]:
-        # LoRA r/alpha: once finetune trains LoRA adapters (peft), sample them here as "lora_r"/"lora_alpha" and
+        # LoRA r/alpha (not searched yet): sample them here as "lora_r"/"lora_alpha" and
         # apply them in the search's model_init, which receives the trial; they are not TrainingArguments, and
         # the Trainer skips (with a warning) any returned key that is not one.
         return {
