@@ -394,3 +394,16 @@ def test_adapters_reads_the_file_the_run_config_is_saved_to() -> None:
     from finetune.config import RESOLVED_CONFIG_NAME
 
     assert adapters.RUN_CONFIG_NAME == RESOLVED_CONFIG_NAME  # a copy: adapters cannot import config (circle)
+
+
+@pytest.mark.parametrize("variant", ["--use_dora", "--use_rslora"])
+def test_dora_and_rslora_train_save_and_reload(variant: str, tiny_model_dir, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert train(tiny_model_dir("llama"), out, "glue-mrpc", *LORA, variant, "true") == 0
+    assert read_json(out / "adapter_config.json")[variant[2:]] is True
+    if variant == "--use_dora":  # DoRA's magnitude vectors are saved with the adapter
+        assert any("lora_magnitude_vector" in k for k in load_file(str(out / "adapter_model.safetensors")))
+    trained = read_json(out / "metrics.json")["eval"]["validation"]
+    assert main(["evaluate", str(out), "--max_eval_samples", "40", "--per_device_eval_batch_size", "16"]) == 0
+    reloaded = read_json(out / "eval_results.json")["validation"]
+    assert (reloaded["accuracy"], reloaded["loss"]) == (trained["accuracy"], trained["loss"])
