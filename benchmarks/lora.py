@@ -110,6 +110,8 @@ def run_arm(task_name: str, arm: str, round_: int, opts: argparse.Namespace) -> 
         "output_dir": tempfile.mkdtemp(prefix=f"bench-{arm}-"), "overwrite_output_dir": True,
         **task_settings, **ARMS[arm],
     }
+    if arm == "lora":
+        overrides["lora_dropout"] = opts.lora_dropout
     config = parse_run_config(task_name, overrides=overrides)
     task = build_task(config)
     set_seed(config.training.seed)
@@ -190,6 +192,7 @@ def main() -> int:
     parser.add_argument("--train_samples", type=int, default=256, help="training rows tokenized")
     parser.add_argument("--eval_samples", type=int, default=32, help="validation rows scored after training")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (full, lora) per task")
+    parser.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout of the lora arm")
     parser.add_argument("--json", default=None, help="write every run and the summary here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_round", type=int, default=0, help=argparse.SUPPRESS)
