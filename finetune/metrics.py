@@ -155,6 +155,16 @@ class LabelScorer:
         #: result keys in the order a task reports them (GLUE: the leaderboard's order)
         self.order = tuple(order)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # evaluate's modules are classes of packages it generates when loading (evaluate_modules.*), which another
+        # process cannot import (a Ray Tune worker gets the Trainer pickled): a pickled scorer carries its specs
+        # and loads the modules again where it is unpickled.
+        return {**self.__dict__, "modules": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.modules = [load_module(spec) for spec in self.specs]
+
     def __call__(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
         """The metrics, plus ``combined_score`` (their mean) when there are several, as run_glue.py reports."""
         results: dict[str, float] = {}
