@@ -1,9 +1,20 @@
 """The Task contract: what a task family provides to the one training pipeline.
 
 A family (GLUE classification, summarization, translation) is one module in ``tasks/`` holding a
-``Task`` subclass and a table of presets. The pipeline calls the hooks below in one direction:
+``Task`` subclass and a table of presets. Its lifecycle is explicit:
 
-    config -> load_raw_datasets -> tokenize -> load_model -> build_trainer -> metrics -> records
+* built from the parsed config, a Task resolves what the config alone says: the preset and the columns;
+* what the checkpoint says (the kind of model, an existing classification head) comes from its config
+  (``AutoConfig``, no weights), read once, when a hook first needs it: :attr:`Task.checkpoint`;
+* what only the data says (GLUE's label set) is learned by ``load_raw_datasets``; the hooks that need it
+  read the data themselves (from the datasets cache) when it has not run.
+
+Each hook takes what it works on and returns its result, so hooks can be called alone and in any order:
+
+    load_tokenizer() -> tokenizer              load_raw_datasets() -> raw splits
+    tokenize(raw, tokenizer) -> tokenized      load_model(tokenizer) -> model
+    build_trainer(model, tokenizer, train, eval, callbacks) -> Trainer
+    predict(trainer, tokenized split, name) -> output       prediction_records(raw split, output) -> records
 """
 
 from __future__ import annotations
@@ -11,12 +22,14 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from datasets import Dataset, DatasetDict
 from transformers import (
     DataCollatorWithPadding,
     EvalPrediction,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -24,7 +37,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PredictionOutput
 
-from finetune import metrics
+from finetune import metrics, modeling
 from finetune.batching import FinetuneSampling
 from finetune.distributed import FsdpTrainerMixin
 from finetune.errors import FinetuneError
@@ -58,6 +71,11 @@ class Task(ABC):
     def __init__(self, config: RunConfig):
         self.config = config
         self.preset = self.preset_named(config.data.task_name)
+
+    @cached_property
+    def checkpoint(self) -> PretrainedConfig:
+        """The starting checkpoint's config (``AutoConfig``: no weights), read once."""
+        return modeling.load_config(self.config.model)
 
     @classmethod
     def preset_named(cls, name: str | None) -> Any:
@@ -120,6 +138,10 @@ class Task(ABC):
         if self.config.data.metric:
             return metrics.best_metric(metrics.parse_metrics(self.config.data.metric))
         return self.best_metric_of(self.config.data.task_name)
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The task's official metrics, as a model card shows them; empty: every quality metric it reports."""
+        return ()
 
     @abstractmethod
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]: ...

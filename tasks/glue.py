@@ -169,13 +169,19 @@ class GlueTask(Task):
         self.label_values, self.is_regression, self.labels_are_values = self.labels_of(raw)
         metrics.require_averages(self.metric_specs(), len(self.label_values or ()))
         # Decided now, not at model loading: labels are tokenized as the checkpoint's head ids.
-        self.head_kwargs = self.head_settings(modeling.load_config(self.config.model))
+        self.head_kwargs = self.head_settings(self.checkpoint)
         return raw
 
     def say(self, message: str) -> None:
         """One warning line for the whole run: every process reads the data, the main process tells."""
         if self.config.training.process_index == 0:
             logger.warning(message)
+
+    def resolve_labels(self) -> None:
+        """The label set and the head settings come from the data: hooks that need them read it (from the
+        datasets cache after the first time) when ``load_raw_datasets`` has not run, so they can be called alone."""
+        if self.head_kwargs is None:
+            self.load_raw_datasets()
 
     @property
     def label_names(self) -> list[str] | None:
@@ -275,8 +281,7 @@ class GlueTask(Task):
         return modeling.load_tokenizer(self.config.model)
 
     def load_model(self, tokenizer):
-        if self.head_kwargs is None:
-            raise RuntimeError("load_raw_datasets must run before load_model")
+        self.resolve_labels()
         model = modeling.load_model(
             AutoModelForSequenceClassification, self.config.model, self.config.peft, **self.head_kwargs
         )
@@ -425,6 +430,7 @@ class GlueTask(Task):
         self.scorer  # noqa: B018 (loads the modules)
 
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        self.resolve_labels()
         preds = self.dataset_label_ids(metrics.predicted_labels(prediction.predictions, self.is_regression))
         labels = self.dataset_label_ids(np.asarray(prediction.label_ids))
         results = self.scorer(preds, labels)
@@ -440,6 +446,7 @@ class GlueTask(Task):
         return np.vectorize(to_dataset.__getitem__)(model_ids)
 
     def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:
+        self.resolve_labels()
         preds = metrics.predicted_labels(output.predictions, self.is_regression)
         confidence = None if self.is_regression else predicted_probability(output.predictions)
         model_to_name = self.model_label_names()

@@ -58,9 +58,7 @@ class GenerationTask(Task):
 
     def __init__(self, config):
         super().__init__(config)
-        self.kind: ModelKind | None = None
         self.raw: DatasetDict | None = None
-        self.tokenizer: PreTrainedTokenizerBase | None = None
 
     # -- hooks ---------------------------------------------------------------------------------------------
 
@@ -126,9 +124,18 @@ class GenerationTask(Task):
 
     # -- model and features --------------------------------------------------------------------------------
 
+    @cached_property
+    def kind(self) -> ModelKind:
+        """How the checkpoint generates, from its config."""
+        return model_kind(self.checkpoint)
+
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.tokenizer
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The run's tokenizer (language codes, padding side), built once; decoding uses it too."""
         model_cfg = self.config.model
-        self.kind = model_kind(modeling.load_config(model_cfg))
         tokenizer = modeling.load_tokenizer(model_cfg)
         for attribute, code in (("src_lang", self.config.data.source_lang_code),
                                 ("tgt_lang", self.config.data.target_lang_code)):
@@ -142,7 +149,6 @@ class GenerationTask(Task):
             setattr(tokenizer, attribute, code)
         if self.kind is ModelKind.DECODER_ONLY:
             tokenizer.padding_side = "right"  # training batches; generation left-pads prompts itself
-        self.tokenizer = tokenizer
         return tokenizer
 
     def encoding(self, tokenizer: PreTrainedTokenizerBase) -> Encoding:
@@ -178,12 +184,10 @@ class GenerationTask(Task):
         return DatasetDict(tokenized)
 
     def load_model(self, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-        if self.kind is None:
-            raise RuntimeError("load_tokenizer must run before load_model")
         model_cfg = self.config.model
         if self.kind is ModelKind.DECODER_ONLY:
             model = modeling.load_model(AutoModelForCausalLM, model_cfg, self.config.peft)
-        elif self.kind is ModelKind.BERT2BERT and modeling.load_config(model_cfg).model_type != "encoder-decoder":
+        elif self.kind is ModelKind.BERT2BERT and self.checkpoint.model_type != "encoder-decoder":
             model = mirror.load_or_explain(modeling.warm_started_bert2bert, model_cfg.model_name_or_path, "models")
             bert2bert_special_tokens(model, tokenizer)
         else:
@@ -293,7 +297,8 @@ class GenerationTask(Task):
         token_ids = as_token_ids(output.predictions)[restore]
         label_ids = None if output.label_ids is None else np.asarray(output.label_ids)[restore]
         metrics = dict(output.metrics or {})
-        raw = self.raw[split].select(range(len(dataset))) if self.raw is not None else None
+        splits = self.raw if self.raw is not None else self.load_raw_datasets()  # references, untruncated
+        raw = splits[split].select(range(len(dataset))) if split in splits else None
         references = self.text_columns().references(raw[:]) if raw is not None else None
         if references is not None:
             predictions = self.decode(token_ids)
