@@ -24,6 +24,7 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrate
 from finetune import metrics
 from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
+from finetune.run_info import as_flags
 from finetune.tasks import FAMILIES, task_class
 from finetune.validation import check_section, metric_problem
 
@@ -426,6 +427,9 @@ class RunConfig:
     hub: HubConfig
     recipe: str | None = None
     explicit: frozenset[str] = frozenset()  # fields the recipe or the command line set
+    #: the settings as given (a caller's overrides as flags, then the command line): the reproduce command's
+    #: source; never saved as such (it may hold a token)
+    typed: tuple[str, ...] = ()
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     tune: TuneConfig = field(default_factory=TuneConfig)
     peft: PeftSettings = field(default_factory=PeftSettings)
@@ -601,7 +605,8 @@ def parse_run_config(
         raise FinetuneError(f"invalid setting: {error}".splitlines()[0]) from None
     check_peft_settings(sections["peft"], explicit)
     check_best_metric(sections["data"], sections["training"])
-    return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit))
+    typed = (*as_flags(overrides or {}), *(argv or []))
+    return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit), typed=typed)
 
 
 def check_best_metric(data: DataConfig, training: TrainConfig) -> None:

@@ -18,6 +18,7 @@ from finetune import adapters, report
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
 from finetune.config import INFERENCE_SETTINGS, RunConfig
 from finetune.errors import FinetuneError, Preempted
+from finetune.run_info import run_info
 from finetune.task import Task
 from finetune.tasks import task_class
 
@@ -127,6 +128,7 @@ def prepare_training(config: RunConfig) -> PreparedRun:
     if trainer.is_world_process_zero():
         Path(config.training.output_dir).mkdir(parents=True, exist_ok=True)
         config.save(config.training.output_dir)
+        run_info(config, task).write(config.training.output_dir)  # what the model card needs, as trained
     return PreparedRun(task, trainer, raw, tokenized, eval_splits, resume)
 
 

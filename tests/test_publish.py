@@ -8,6 +8,7 @@ messages are exercised.
 from __future__ import annotations
 
 import hashlib
+import shlex
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
@@ -22,6 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
+from finetune import config as config_module
 from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.hub import card, client, push
@@ -222,3 +224,35 @@ def test_base_model_and_license_from_the_mirror_copy() -> None:
     assert card.base_model_id("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     assert card.base_license("sentence-transformers/all-MiniLM-L6-v2", None, api=None) == "apache-2.0"
     assert card.base_model_id("/no/such/dir/model") is None
+
+
+def test_the_card_reproduces_the_run_from_scratch_as_recorded_at_train_time(
+    tiny_model_dir, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Issue 11.8: a resumed run's card has no --resume_from_checkpoint, and pushing from a GPU machine does
+    not re-derive the command (nor rewrite the run's saved config)."""
+    out = tmp_path / "run"
+    flags = ["--model_name_or_path", str(tiny_model_dir("bert")), "--output_dir", str(out),
+             "--max_train_samples", "16", "--max_eval_samples", "8", "--per_device_train_batch_size", "8",
+             "--eval_strategy", "steps", "--save_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
+             "--report_to", "none"]
+    assert main(["train", "glue-mrpc", *flags, "--max_steps", "1"]) == 0
+    resumed = ["--max_steps", "2", "--resume_from_checkpoint", "last", "--hub_token", FAKE_TOKEN]
+    assert main(["train", "glue-mrpc", *flags, *resumed]) == 0
+    recorded = read_json(out / "run_info.json")
+    assert recorded["command"] == shlex.join(["finetune", "train", "glue-mrpc", *flags, "--max_steps", "2"])
+    assert (recorded["dataset"], recorded["dataset_config"], recorded["best_metric"]) == ("nyu-mll/glue", "mrpc", "f1")
+    saved_config = (out / "finetune_config.yaml").read_bytes()
+
+    def pushed_card() -> str:
+        capsys.readouterr()
+        assert main(["push", str(out), "--dry_run", "--hub_model_id", "me/tiny"]) == 0
+        return capsys.readouterr().out
+
+    card = pushed_card()
+    assert f"```bash\n{recorded['command']}\n```" in card and FAKE_TOKEN not in card
+    gpu = SimpleNamespace(is_available=lambda: True, is_bf16_supported=lambda *a, **k: True)
+    monkeypatch.setattr(config_module, "torch", SimpleNamespace(cuda=gpu))  # the pushing machine has a GPU
+    assert pushed_card() == card
+    assert (out / "finetune_config.yaml").read_bytes() == saved_config
+    assert FAKE_TOKEN not in (out / "run_info.json").read_text() + (out / "README.md").read_text()

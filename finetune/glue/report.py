@@ -21,6 +21,7 @@ from finetune.hub import client
 from finetune.hub.card import CARD_NAME
 from finetune.hub.push import Files, FolderKind, run_files
 from finetune.report import spread, write_glue_report
+from finetune.run_info import framework_versions
 from finetune.tasks.glue import GLUE_DATASET
 
 
@@ -51,6 +52,7 @@ def write_results(
         "tasks": tasks,
         "glue_average": average,
         "glue_average_tasks": averaged,
+        "frameworks": framework_versions(),
     }
     (out / RESULTS_JSON).write_text(json.dumps(document, indent=2) + "\n")
     if final:
@@ -158,6 +160,7 @@ def model_card(out: Path, repo_id: str, api: HfApi | None) -> ModelCard:
         table=(out / RESULTS_MD).read_text().split("\n", 2)[-1].strip(),
         chart=CHART,
         zip=SUBMISSION_ZIP,
+        versions=document.get("frameworks") or framework_versions(),  # results written before versions were
     )
 
 

@@ -2,14 +2,14 @@
 
 A card is ``huggingface_hub``'s ``ModelCard``: YAML metadata (base model, datasets, licence carried from
 the base model, ``model-index`` results the Hub renders), then the text: a summary, the results, the
-command that reproduces the run and the framework versions.
+command that reproduces the run and the framework versions. A run's card is built from what the run
+recorded when it trained (``run_info.json``, its config file, metrics and log history), so it says the
+same whichever machine pushes it.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
-from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,12 +18,10 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
 from finetune import mirror
-from finetune.config import DataConfig
-from finetune.errors import FinetuneError
+from finetune.run_info import RunInfo
 
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
-FRAMEWORKS = ("finetune", "transformers", "torch", "datasets", "accelerate", "huggingface_hub", "tokenizers")
 HYPERPARAMETERS = {
     "training": (
         "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -32,8 +30,6 @@ HYPERPARAMETERS = {
     ),
     "data": ("max_seq_length", "max_train_samples", "max_eval_samples"),
 }
-#: settings left out of the reproduce command: pushing is not part of training, tokens are never shown
-NOT_REPRODUCED = ("push_to_hub", "hub_", "_token", "logging_dir", "overwrite_output_dir")
 
 #: every card starts with its metadata and title, and ends with how to reproduce it and the versions used
 CARD_HEAD = """---
@@ -90,6 +86,7 @@ def model_card(
     tags: list[str],
     results: list[EvalResult],
     command: str,
+    versions: dict[str, str],
     api: HfApi | None,
     library_name: str = "transformers",
     **fields: Any,
@@ -111,7 +108,7 @@ def model_card(
         template_str=CARD_HEAD + body + CARD_FOOTER,
         model_name=name,
         command=command,
-        versions=framework_versions(),
+        versions="\n".join(f"- {package} {version}" for package, version in versions.items()),
         **fields,
     )
 
@@ -165,51 +162,42 @@ def base_license(base: str | None, name_or_path: str | None, api: HfApi | None) 
     return None
 
 
-def framework_versions() -> str:
-    lines = []
-    for package in FRAMEWORKS:
-        try:
-            lines.append(f"- {package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The card of a run
 # ---------------------------------------------------------------------------------------------------------
 
 
 def run_card(run_dir: Path, saved: dict, repo_id: str, api: HfApi | None) -> ModelCard:
-    """The model card of a finished run, from its saved config, metrics and log history."""
-    model, data = saved.get("model", {}), saved.get("data", {})
-    task = describe_task(data)
-    base = base_model_id(model.get("model_name_or_path"))
+    """The model card of a finished run, from what it recorded: run_info.json, config, metrics, log history."""
+    info = RunInfo.read(run_dir)
+    name_or_path = saved.get("model", {}).get("model_name_or_path")
+    base = base_model_id(name_or_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     evaluated = metrics.get("eval", {})
-    curves = write_training_curves(run_dir, saved)
-    trained_on = f"[{task.dataset}](https://huggingface.co/datasets/{task.dataset})" if task.dataset else "local files"
-    if task.config_name:
-        trained_on += f" (`{task.config_name}`)"
-    source = f"[{base}](https://huggingface.co/{base})" if base else f"`{model.get('model_name_or_path')}`"
+    curves = write_training_curves(run_dir, info.best_metric)
+    trained_on = f"[{info.dataset}](https://huggingface.co/datasets/{info.dataset})" if info.dataset else "local files"
+    if info.dataset_config:
+        trained_on += f" (`{info.dataset_config}`)"
+    source = f"[{base}](https://huggingface.co/{base})" if base else f"`{name_or_path}`"
     lora = lora_description(run_dir, saved, metrics)
-    summary = f"{source} fine-tuned on {trained_on} for {task.hub_task_type} with `finetune` (transformers `Trainer`)"
+    summary = f"{source} fine-tuned on {trained_on} for {info.hub_task_type} with `finetune` (transformers `Trainer`)"
     if lora is not None:
         summary += lora.summary
     return model_card(
         RUN_CARD_BODY,
         name=repo_id.split("/")[-1],
         base=base,
-        name_or_path=model.get("model_name_or_path"),
-        datasets=[task.dataset] if task.dataset else None,
-        pipeline_tag=task.hub_task_type,
-        tags=[tag for tag in ("finetune", task.family, task.task_name, *(lora.tags if lora else ())) if tag],
-        results=eval_results(task, evaluated),
-        command=reproduce_command(saved),
+        name_or_path=name_or_path,
+        datasets=[info.dataset] if info.dataset else None,
+        pipeline_tag=info.hub_task_type,
+        tags=[tag for tag in ("finetune", info.family, info.task_name, *(lora.tags if lora else ())) if tag],
+        results=eval_results(info, evaluated),
+        command=info.command,
+        versions=info.frameworks,
         api=api,
         library_name=lora.library if lora else "transformers",
         summary=summary + ".",
-        results_table=results_table(evaluated, task.metrics),
+        results_table=results_table(evaluated, info.metrics),
         adapter=lora.table if lora else None,
         curves=curves.name if curves else None,
         hyperparameters=hyperparameters_table(saved),
@@ -255,31 +243,6 @@ def lora_description(run_dir: Path, saved: dict, metrics: dict) -> SimpleNamespa
     return SimpleNamespace(summary=summary, library=library, tags=tags, table=table)
 
 
-def describe_task(data: dict) -> SimpleNamespace:
-    """Family, preset, dataset id/config, Hub task type and declared metrics of a saved run's task."""
-    from finetune.tasks import task_class
-
-    family = data.get("task") or "glue"
-    known = {k: v for k, v in data.items() if k in DataConfig.__dataclass_fields__}
-    try:
-        cls = task_class(family)
-        task = cls(SimpleNamespace(data=DataConfig(**known)))
-        dataset, config_name = task.dataset_id()
-        preset = task.preset
-    except (FinetuneError, TypeError, AttributeError):
-        cls, preset = None, None
-        dataset, config_name = data.get("dataset_name"), data.get("dataset_config_name")
-    return SimpleNamespace(
-        family=family,
-        task_name=data.get("task_name"),
-        dataset=dataset,
-        config_name=config_name,
-        hub_task_type=getattr(cls, "hub_task_type", "text-classification"),
-        metrics=tuple(getattr(preset, "metrics", ()) or ()),
-        best_metric=getattr(preset, "best_metric", None),
-    )
-
-
 def is_score(name: str, value: Any) -> bool:
     """A quality metric (not loss, timing, counts or epoch)."""
     skip = ("runtime", "per_second", "loss", "epoch", "examples", "steps")
@@ -292,15 +255,15 @@ def scored_metrics(values: dict[str, Any], declared: tuple[str, ...]) -> dict[st
     return {name: float(values[name]) for name in names if values.get(name) is not None}
 
 
-def eval_results(task: SimpleNamespace, evaluated: dict[str, dict[str, Any]]) -> list[EvalResult]:
+def eval_results(info: RunInfo, evaluated: dict[str, dict[str, Any]]) -> list[EvalResult]:
     """model-index entries: one per (split, metric), with the dataset id, config and split."""
-    if not task.dataset:
+    if not info.dataset:
         return []  # the Hub needs a dataset id to render a result
-    dataset_name = f"{task.dataset} {task.config_name}" if task.config_name else task.dataset
+    dataset_name = f"{info.dataset} {info.dataset_config}" if info.dataset_config else info.dataset
     return [
-        eval_result(task.hub_task_type, task.dataset, dataset_name, task.config_name, split, metric, value)
+        eval_result(info.hub_task_type, info.dataset, dataset_name, info.dataset_config, split, metric, value)
         for split, values in evaluated.items()
-        for metric, value in scored_metrics(values, task.metrics).items()
+        for metric, value in scored_metrics(values, info.metrics).items()
     ]
 
 
@@ -315,14 +278,13 @@ def results_table(evaluated: dict[str, dict[str, Any]], declared: tuple[str, ...
     return "\n".join(["| split | metric | value |", "|---|---|---|", *rows])
 
 
-def write_training_curves(run_dir: Path, saved: dict) -> Path | None:
+def write_training_curves(run_dir: Path, metric: str | None) -> Path | None:
     from finetune.plots import training_curves
 
     state_file = run_dir / "trainer_state.json"
     if not state_file.is_file():
         return None
     history = json.loads(state_file.read_text()).get("log_history", [])
-    metric = saved.get("training", {}).get("metric_for_best_model")
     return training_curves(history, metric, run_dir / CURVES_NAME)
 
 
@@ -332,34 +294,3 @@ def hyperparameters_table(saved: dict) -> str:
         values = saved.get(section, {})
         rows += [f"| {name} | {values[name]} |" for name in names if values.get(name) not in (None, False, -1)]
     return "\n".join(["| setting | value |", "|---|---|", *rows])
-
-
-def reproduce_command(saved: dict) -> str:
-    """``finetune train RECIPE --flag value ...``: the settings in which the run differs from its recipe."""
-    from finetune.config import parse_run_config
-
-    recipe = saved.get("recipe")
-    try:
-        defaults = parse_run_config(recipe).to_dict()
-    except FinetuneError:  # a recipe file that is gone: spell out everything that differs from the defaults
-        recipe, defaults = None, parse_run_config(None).to_dict()
-    # A run picks its task's metric for the best checkpoint by itself; only another choice is a flag.
-    settled = saved.get("training", {}).get("metric_for_best_model") == describe_task(saved.get("data", {})).best_metric
-    flags: list[str] = []
-    for section in ("model", "data", "training", "peft"):
-        for key, value in saved.get(section, {}).items():
-            if any(part in key for part in NOT_REPRODUCED) or value is None:
-                continue
-            if settled and key in ("metric_for_best_model", "greater_is_better"):
-                continue
-            if value != defaults.get(section, {}).get(key):
-                flags += [f"--{key}", flag_value(value)]
-    return shlex.join(["finetune", "train", *([recipe] if recipe else []), *flags])
-
-
-def flag_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return str(value)

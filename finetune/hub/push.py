@@ -30,6 +30,7 @@ from finetune.errors import FinetuneError
 from finetune.hub import card as cards
 from finetune.hub import client
 from finetune.hub.card import CARD_NAME
+from finetune.run_info import RUN_INFO_NAME
 
 #: never uploaded: checkpoints (optimizer state), the pickled TrainingArguments, hidden and lock files
 IGNORED = ("checkpoint-*", "training_args.bin", ".*", "*.lock", "error.log")
@@ -223,7 +224,8 @@ def upload_plan(
 def require_finished_run(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise FinetuneError(f"{run_dir} is not a directory")
-    missing = [name for name in ("config.json", "metrics.json", RESOLVED_CONFIG_NAME) if not (run_dir / name).is_file()]
+    needed = ("config.json", "metrics.json", RESOLVED_CONFIG_NAME, RUN_INFO_NAME)
+    missing = [name for name in needed if not (run_dir / name).is_file()]
     if missing:
         raise FinetuneError(f"{run_dir} is not a finished finetune run (no {', '.join(missing)}); train it first")
 
