@@ -12,6 +12,8 @@ from datasets import Dataset, DatasetDict
 from finetune import mirror
 from finetune.errors import FinetuneError
 
+VALIDATION_SPLIT_SEED = 42  # not the training seed: evaluate must carve the same rows
+
 if TYPE_CHECKING:  # config imports the task registry, whose families use this module
     from finetune.config import DataConfig
 
@@ -129,3 +131,18 @@ def tokenized(dataset: Dataset, split: str, encode: Callable, encoding: dict[str
 def require_rows(data: Dataset, split: str, where: str) -> None:
     if len(data) == 0:
         raise FinetuneError(f"the {split} split of {where} is empty")
+
+
+def with_validation_split(raw: DatasetDict, percentage: int | None) -> DatasetDict:
+    """``raw`` with a validation split carved out of train when asked (for data that comes as one file)."""
+    if percentage is None:
+        return raw
+    if "train" not in raw:
+        raise FinetuneError("validation_split_percentage needs a train split to carve the validation split from")
+    if "validation" in raw:
+        raise FinetuneError("validation_split_percentage: the data already has a validation split")
+    if not 0 < percentage < 100:
+        raise FinetuneError(f"validation_split_percentage must be between 1 and 99, got {percentage}")
+    # A fixed seed, not the training seed: `finetune evaluate RUN_DIR` must carve the same validation rows.
+    parts = raw["train"].train_test_split(test_size=percentage / 100, seed=VALIDATION_SPLIT_SEED)
+    return DatasetDict({**raw, "train": parts["train"], "validation": parts["test"]})

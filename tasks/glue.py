@@ -430,7 +430,9 @@ class GlueTask(Task):
         self.scorer  # noqa: B018 (loads the modules)
 
     def compute_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
-        self.resolve_labels()
+        if self.preset is None or head_labels(self.checkpoint) is not None:
+            # only then do scores depend on the data: custom labels (classes or scores?), a trained head's order
+            self.resolve_labels()
         preds = self.dataset_label_ids(metrics.predicted_labels(prediction.predictions, self.is_regression))
         labels = self.dataset_label_ids(np.asarray(prediction.label_ids))
         results = self.scorer(preds, labels)

@@ -14,7 +14,7 @@ from finetune.generation.encoding import (
     model_kind,
     prompt_around_source,
 )
-from finetune.generation.task import GenerationTask, with_validation_split
+from finetune.generation.task import GenerationTask
 from finetune.generation.trainer import GenerationTrainer, left_padded_prompts, seq2seq_arguments
 
 __all__ = [
@@ -29,5 +29,4 @@ __all__ = [
     "model_kind",
     "prompt_around_source",
     "seq2seq_arguments",
-    "with_validation_split",
 ]

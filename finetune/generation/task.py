@@ -47,8 +47,6 @@ from finetune.generation.encoding import (
 from finetune.generation.trainer import GenerationTrainer, TokenMeanLoss, seq2seq_arguments
 from finetune.task import Task, mixed_precision
 
-VALIDATION_SPLIT_SEED = 42
-
 
 class GenerationTask(Task):
     """A text-to-text task family; subclasses say where the texts are, how to prompt, what to score."""
@@ -111,7 +109,8 @@ class GenerationTask(Task):
                 f"no data: set task_name (a {self.family} preset: {', '.join(self.presets)}), dataset_name "
                 "or train_file/validation_file"
             )
-        raw = with_validation_split(data.load_raw_datasets(cfg, name, config_name), cfg.validation_split_percentage)
+        raw = data.load_raw_datasets(cfg, name, config_name)
+        raw = data.with_validation_split(raw, cfg.validation_split_percentage)
         where = name or "the data files"
         columns = self.text_columns()
         data.require_columns(raw, [columns.source], where)
@@ -337,21 +336,6 @@ def as_token_ids(predictions: Any) -> np.ndarray:
 def longest_first(dataset: Dataset) -> Dataset:
     """The rows sorted by length, longest first: batches of similar length pad and generate less."""
     return dataset.select(np.argsort([-len(ids) for ids in dataset["input_ids"]], kind="stable"))
-
-
-def with_validation_split(raw: DatasetDict, percentage: int | None) -> DatasetDict:
-    """``raw`` with a validation split carved out of train when asked (for data that comes as one file)."""
-    if percentage is None:
-        return raw
-    if "train" not in raw:
-        raise FinetuneError("validation_split_percentage needs a train split to carve the validation split from")
-    if "validation" in raw:
-        raise FinetuneError("validation_split_percentage: the data already has a validation split")
-    if not 0 < percentage < 100:
-        raise FinetuneError(f"validation_split_percentage must be between 1 and 99, got {percentage}")
-    # A fixed seed, not the training seed: `finetune evaluate RUN_DIR` must carve the same validation rows.
-    parts = raw["train"].train_test_split(test_size=percentage / 100, seed=VALIDATION_SPLIT_SEED)
-    return DatasetDict({**raw, "train": parts["train"], "validation": parts["test"]})
 
 
 def bert2bert_special_tokens(model: EncoderDecoderModel, tokenizer: PreTrainedTokenizerBase) -> None:
