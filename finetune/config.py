@@ -26,6 +26,7 @@ from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
 from finetune.run_info import as_flags
 from finetune.tasks import FAMILIES, task_class
+from finetune.tokens import TokensNotPickled
 from finetune.validation import check_section, metric_problem
 
 
@@ -326,19 +327,6 @@ def _training_default(name: str, value: Any, help: str | None = None) -> Any:
     if help:
         metadata["help"] = help
     return field(default=value, metadata=metadata)
-
-
-class TokensNotPickled:
-    """Arguments whose pickle leaves every ``*_token`` field (``hub_token``) out, as None.
-
-    The Trainer pickles its arguments into ``training_args.bin`` in the run folder and in every checkpoint
-    (``torch.save``), and hub_strategy every_save/checkpoint/all_checkpoints uploads those folders. The token
-    is needed in memory only, for the Hub calls; ``TrainingArguments.to_dict`` (the saved config) already
-    redacts the same fields.
-    """
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
 
 
 @dataclass

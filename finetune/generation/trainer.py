@@ -20,9 +20,9 @@ from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LabelSmoother
 
 from finetune.batching import FinetuneSampling
-from finetune.config import TokensNotPickled
 from finetune.distributed import FsdpTrainerMixin
 from finetune.generation.encoding import IGNORE_INDEX
+from finetune.tokens import TokensNotPickled
 
 
 def left_padded_prompts(

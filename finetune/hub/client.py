@@ -2,7 +2,7 @@
 
 The token is ``--hub_token`` when given, else ``HF_TOKEN`` or the ``hf auth login`` cache through
 ``huggingface_hub.get_token``; it is handed to ``HfApi`` only, never printed, saved (pickles included:
-see ``finetune.config.TokensNotPickled``) or put in an error message. Hub failures become
+see ``finetune.tokens.TokensNotPickled``) or put in an error message. Hub failures become
 one-line :class:`FinetuneError` messages; transient ones (5xx, 429, connection errors) are retried.
 """
 
