@@ -599,9 +599,11 @@ def parse_run_config(
 
 def check_best_metric(data: DataConfig, training: TrainConfig) -> None:
     """The metric that picks the best checkpoint must be one the task reports (else: a KeyError after an epoch)."""
+    # With --metric the run reports the metrics named there (under names their options decide), not the task's.
+    names = None if data.metric else task_class(data.task).metric_names_of(data.task_name)
     problem = metric_problem(
         training.metric_for_best_model,
-        task_class(data.task).metric_names_of(data.task_name),
+        names,
         f"{data.task} task {data.task_name}" if data.task_name else f"{data.task} on custom data",
     )
     if problem:
