@@ -204,7 +204,10 @@ def test_merge_command_writes_a_full_model_run_that_predicts_the_same(tiny_model
     assert main(["evaluate", str(merged), *batches]) == 0
     adapter = read_json(out / "eval_results.json")["validation"]
     full = read_json(merged / "eval_results.json")["validation"]
-    assert read_jsonl(merged / "predictions_validation.jsonl") == read_jsonl(out / "predictions_validation.jsonl")
+    rows = {run: read_jsonl(run / "predictions_validation.jsonl") for run in (out, merged)}
+    strip = [[{k: v for k, v in row.items() if k != "confidence"} for row in rows[run]] for run in (out, merged)]
+    assert strip[0] == strip[1]  # the same predicted labels; the confidences differ in float rounding
+    assert [r.get("confidence", 0) for r in rows[merged]] == pytest.approx([r.get("confidence", 0) for r in rows[out]])
     assert full["accuracy"] == adapter["accuracy"] and full["f1"] == adapter["f1"]
     assert full["loss"] == pytest.approx(adapter["loss"], rel=1e-5)  # merged weights round differently
 
