@@ -11,9 +11,6 @@ and the baseline side by side.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ import numpy as np
 import yaml
 
 from finetune import plots
+from finetune.page import esc, image, number, page, png, section, table
 
 REPORT_NAME = "report.html"
 #: eval entries of the log history that are bookkeeping, not quality
@@ -96,45 +94,6 @@ def first_predictions(path: Path, splits: Sequence[str]) -> tuple[str | None, li
             if name and (path / name).is_file():
                 return split, [json.loads(line) for line in (path / name).read_text().splitlines() if line.strip()]
     return None, []
-
-
-# -- HTML pieces ------------------------------------------------------------------------------------------------
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def number(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return esc(value)
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return esc(value)
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], css: str = "") -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def image(figure_png: bytes | None, alt: str) -> str:
-    if not figure_png:
-        return f"<p class=note>No data for: {esc(alt)}.</p>"
-    data = base64.b64encode(figure_png).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
-
-
-def section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
-
-
-def png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    plots.plt.close(figure)
-    return buffer.getvalue()
 
 
 # -- sections ---------------------------------------------------------------------------------------------------
@@ -331,16 +290,6 @@ def clip(text: Any) -> str:
     return text if len(text) <= TEXT_LIMIT else text[: TEXT_LIMIT - 1] + "…"
 
 
-STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;padding:0 16px;color:#222}
-h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
-table{border-collapse:collapse;margin:8px 0}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f4f6f8}table.texts td{max-width:420px}table.matrix td{text-align:right}
-dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 16px}dt{font-weight:600}dd{margin:0}
-img{max-width:100%}.side{display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap}.note{color:#666}
-pre{background:#f8f8f8;padding:8px;overflow:auto;max-height:400px}
-"""
 
 
 def render(run: RunFiles) -> str:
@@ -350,47 +299,6 @@ def render(run: RunFiles) -> str:
     return page(f"finetune run: {run.path.resolve().name}", body)
 
 
-def page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1>{body}</body></html>\n")
-
-
-def glue_page(document: Mapping[str, Any], chart: Path | None) -> str:
-    """The benchmark page of ``finetune glue``: per task status, metrics and score over seeds, the chart, and a
-    link to each task's best-seed run report."""
-    rows = []
-    for name, task in document["tasks"].items():
-        metric_cells = "<br>".join(
-            f"{esc(metric)}{'' if split == 'validation' else f' ({esc(split)})'} {esc(spread(stats))}"
-            for split, values in task.get("metrics", {}).items() for metric, stats in values.items()
-        )
-        best = task.get("best_run")
-        link = f'<a href="{esc(best)}/{REPORT_NAME}">{esc(best)}</a>' if best else ""
-        rows.append((esc(name.upper()), esc(task["status"]), metric_cells,
-                     esc(spread(task["score"])) if task.get("score") else "", link,
-                     esc(task.get("reason") or task.get("note") or "")))
-    average = document.get("glue_average")
-    seeds = document.get("seeds", [])
-    facts = [("model", esc(document.get("model_name_or_path"))), ("seeds", esc(", ".join(map(str, seeds)))),
-             ("GLUE average", "-" if average is None else f"{100 * average:.1f}"),
-             ("command", f"<code>{esc(document.get('command', ''))}</code>")]
-    body = ('<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
-            + section("tasks", "Tasks (validation, x100, mean ± std over seeds)",
-                      table(("task", "status", "metrics", "score", "best run", "notes"), rows))
-            + section("chart", "Scores", image(chart.read_bytes() if chart and chart.is_file() else None, "scores")))
-    return page(f"GLUE: {Path(str(document.get('model_name_or_path'))).name}", body)
-
-
-def spread(stats: Mapping[str, Any]) -> str:
-    """A score over seeds, x100: mean, and std when there are several seeds."""
-    shown = f"{100 * stats['mean']:.1f}"
-    return shown + (f" ± {100 * stats['std']:.1f}" if len(stats.get("values", [])) > 1 else "")
-
-
-def write_glue_report(out: str | Path, document: Mapping[str, Any], chart: Path | None) -> Path:
-    path = Path(out) / REPORT_NAME
-    path.write_text(glue_page(document, chart), encoding="utf-8")
-    return path
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from huggingface_hub import HfApi, ModelCard
@@ -20,7 +22,8 @@ from finetune.hub import card as cards
 from finetune.hub import client
 from finetune.hub.card import CARD_NAME
 from finetune.hub.push import Files, FolderKind, run_files
-from finetune.report import spread, write_glue_report
+from finetune.page import esc, image, page, section, table
+from finetune.report import REPORT_NAME
 from finetune.run_info import framework_versions
 from finetune.tasks.glue import GLUE_DATASET
 
@@ -177,3 +180,44 @@ def upload_files(out: Path) -> Files:
 
 #: how `finetune push` tells a GLUE folder (by its results file) and what it uploads from one
 GLUE_FOLDER = FolderKind(is_one=lambda out: (out / RESULTS_JSON).is_file(), card=model_card, files=upload_files)
+
+
+# -- report.html ------------------------------------------------------------------------------------------------
+
+
+def glue_page(document: Mapping[str, Any], chart: Path | None) -> str:
+    """The benchmark page of ``finetune glue``: per task status, metrics and score over seeds, the chart, and a
+    link to each task's best-seed run report."""
+    rows = []
+    for name, task in document["tasks"].items():
+        metric_cells = "<br>".join(
+            f"{esc(metric)}{'' if split == 'validation' else f' ({esc(split)})'} {esc(spread(stats))}"
+            for split, values in task.get("metrics", {}).items() for metric, stats in values.items()
+        )
+        best = task.get("best_run")
+        link = f'<a href="{esc(best)}/{REPORT_NAME}">{esc(best)}</a>' if best else ""
+        rows.append((esc(name.upper()), esc(task["status"]), metric_cells,
+                     esc(spread(task["score"])) if task.get("score") else "", link,
+                     esc(task.get("reason") or task.get("note") or "")))
+    average = document.get("glue_average")
+    seeds = document.get("seeds", [])
+    facts = [("model", esc(document.get("model_name_or_path"))), ("seeds", esc(", ".join(map(str, seeds)))),
+             ("GLUE average", "-" if average is None else f"{100 * average:.1f}"),
+             ("command", f"<code>{esc(document.get('command', ''))}</code>")]
+    body = ('<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+            + section("tasks", "Tasks (validation, x100, mean ± std over seeds)",
+                      table(("task", "status", "metrics", "score", "best run", "notes"), rows))
+            + section("chart", "Scores", image(chart.read_bytes() if chart and chart.is_file() else None, "scores")))
+    return page(f"GLUE: {Path(str(document.get('model_name_or_path'))).name}", body)
+
+
+def spread(stats: Mapping[str, Any]) -> str:
+    """A score over seeds, x100: mean, and std when there are several seeds."""
+    shown = f"{100 * stats['mean']:.1f}"
+    return shown + (f" ± {100 * stats['std']:.1f}" if len(stats.get("values", [])) > 1 else "")
+
+
+def write_glue_report(out: str | Path, document: Mapping[str, Any], chart: Path | None) -> Path:
+    path = Path(out) / REPORT_NAME
+    path.write_text(glue_page(document, chart), encoding="utf-8")
+    return path

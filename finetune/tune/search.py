@@ -1,46 +1,26 @@
-"""`finetune tune`: hyperparameter search with optuna, through ``Trainer.hyperparameter_search``.
-
-The search runs in this process. The study lives in ``output_dir/tune.db`` (sqlite), so a search that was
-killed resumes where it stopped when the same command runs again: finished trials are kept, the trial that
-was running is marked failed and its settings are tried first, and only the missing trials run.
-
-One trial = one set of hyperparameters, trained ``tune_seeds`` times (seeds seed, seed+1, ...) inside the
-trial's ``train`` call (``SeedMean``); it scores the mean of the seeds' best evaluations. Each evaluation is
-also reported to optuna's pruner, which stops a trial whose curve is below the median of earlier trials.
-The search writes a results table (``tune_results.md``/``.csv``), a plot (``tune_trials.png``) and the best
-settings as a recipe (``best_recipe.yaml``) that ``finetune train best_recipe.yaml`` runs.
-"""
+"""The search of `finetune tune`: trials of k seeds through Trainer.hyperparameter_search (optuna or Ray)."""
 
 from __future__ import annotations
 
-import csv
-import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from transformers import Trainer
 
 from finetune.callbacks import EpochSeededSampler, NonFiniteLoss, StopOnNonFiniteLoss
-from finetune.config import CONFIG_SECTIONS, RunConfig, TuneConfig, recipe_path
+from finetune.config import RunConfig
 from finetune.errors import FinetuneError
 from finetune.pipeline import build_task, eval_dataset_arg, tokenized_splits, trainable_model
+from finetune.tune.results import PARAM_COLUMNS, TuneResult, recipe_of, trial_rows, write_results
+from finetune.tune.space import check_space, hp_space, ray_space, space_signature
 
 STUDY_FILE = "tune.db"
 RAY_FOLDER = "ray"
-RESULTS_CSV = "tune_results.csv"
-RESULTS_MD = "tune_results.md"
-PLOT_FILE = "tune_trials.png"
-BEST_RECIPE = "best_recipe.yaml"
 #: The pruner compares the n-th evaluation of seed i across trials, reported as step i * REPORTS_PER_SEED + n.
 REPORTS_PER_SEED = 10_000
-#: Settings a recipe written by the search never carries: where this search wrote, and secrets.
-NOT_IN_RECIPE = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir")
+
 
 
 def require_optuna() -> Any:
@@ -103,98 +83,10 @@ def averaging_seeds(trainer: Trainer, seeds: tuple[int, ...]) -> Trainer:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The search space
-# ---------------------------------------------------------------------------------------------------------
-
-
-def check_space(space: TuneConfig) -> None:
-    """One-line errors for a space optuna would reject with a traceback (or silently misuse)."""
-    if space.n_trials < 1 or space.tune_seeds < 1:
-        raise FinetuneError("n_trials and tune_seeds must be at least 1")
-    for name in ("learning_rate_range", "warmup_range", "weight_decay_range"):
-        values = [float(v) for v in getattr(space, name)]
-        if len(values) not in (1, 2) or values != sorted(values):
-            raise FinetuneError(f"{name} must be one value or 'low high' with low <= high, not {values}")
-        if min(values) < 0 or (name == "learning_rate_range" and min(values) <= 0):
-            raise FinetuneError(f"{name} must be positive: {values}")
-    if float(space.warmup_range[-1]) >= 1:
-        raise FinetuneError("warmup_range is a fraction of the training steps: below 1")
-    for name in ("batch_sizes", "epoch_choices"):
-        values = getattr(space, name)
-        if not values or any(int(v) < 1 for v in values):
-            raise FinetuneError(f"{name} must be one or more positive integers, not {values}")
-    if space.pruner not in ("median", "none"):
-        raise FinetuneError(f"pruner must be median or none, not '{space.pruner}'")
-
-
-def hp_space(space: TuneConfig) -> Callable[[Any], dict[str, Any]]:
-    """trial -> TrainingArguments values; a range of one value is fixed (not searched)."""
-
-    def ranged(trial, name: str, bounds: list[float], log: bool = False) -> float:
-        low, high = float(bounds[0]), float(bounds[-1])
-        return low if low == high else trial.suggest_float(name, low, high, log=log)
-
-    def chosen(trial, name: str, choices: list[int]) -> int:
-        choices = [int(c) for c in choices]
-        return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, choices)
-
-    def sample(trial) -> dict[str, Any]:
-        # LoRA r/alpha (not searched yet): sample them here as "lora_r"/"lora_alpha" and
-        # apply them in the search's model_init, which receives the trial; they are not TrainingArguments, and
-        # the Trainer skips (with a warning) any returned key that is not one.
-        return {
-            "learning_rate": ranged(trial, "learning_rate", space.learning_rate_range, log=True),
-            "per_device_train_batch_size": chosen(trial, "per_device_train_batch_size", space.batch_sizes),
-            "num_train_epochs": chosen(trial, "num_train_epochs", space.epoch_choices),
-            "warmup_steps": ranged(trial, "warmup_steps", space.warmup_range),
-            "weight_decay": ranged(trial, "weight_decay", space.weight_decay_range),
-        }
-
-    return sample
-
-
-def ray_space(space: TuneConfig) -> Callable[[Any], dict[str, Any]]:
-    """The same space as Ray Tune distributions (the Trainer calls it once, with no trial)."""
-    from ray import tune as ray_tune
-
-    def ranged(bounds: list[float], log: bool = False) -> Any:
-        low, high = float(bounds[0]), float(bounds[-1])
-        return low if low == high else (ray_tune.loguniform if log else ray_tune.uniform)(low, high)
-
-    def chosen(choices: list[int]) -> Any:
-        choices = [int(c) for c in choices]
-        return choices[0] if len(choices) == 1 else ray_tune.choice(choices)
-
-    def sample(_: Any) -> dict[str, Any]:
-        return {
-            "learning_rate": ranged(space.learning_rate_range, log=True),
-            "per_device_train_batch_size": chosen(space.batch_sizes),
-            "num_train_epochs": chosen(space.epoch_choices),
-            "warmup_steps": ranged(space.warmup_range),
-            "weight_decay": ranged(space.weight_decay_range),
-        }
-
-    return sample
-
-
-def space_signature(config: RunConfig) -> dict[str, Any]:
-    """What a resumed study must share with the one on disk (the budget n_trials may change)."""
-    space = {k: v for k, v in vars(config.tune).items() if k not in ("n_trials", "study_name")}
-    return {**space, "seed": config.training.seed, "metric": config.training.metric_for_best_model}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TuneResult:
-    output_dir: Path
-    best_value: float
-    best_params: dict[str, Any]
-    finished: int
-    files: list[Path]
 
 
 def tune(config: RunConfig) -> TuneResult:
@@ -380,124 +272,3 @@ def finished_trials(study: Any) -> list[Any]:
     ]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Results: table, plot, best recipe
-# ---------------------------------------------------------------------------------------------------------
-
-
-PARAM_COLUMNS = ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "warmup_steps", "weight_decay")
-
-
-def trial_rows(study: Any, config: RunConfig) -> list[dict[str, Any]]:
-    """One row per trial: state, score (mean over seeds), std, per-seed scores, settings, minutes."""
-    fixed = hp_space(config.tune)
-    rows = []
-    for trial in study.get_trials(deepcopy=False):
-        settings = fixed(_Fixed(trial.params))
-        seeds = trial.user_attrs.get("seed_scores", [])
-        duration = trial.duration.total_seconds() / 60 if trial.duration else None
-        rows.append({
-            "trial": trial.number,
-            "state": "interrupted" if trial.user_attrs.get("interrupted") else trial.state.name.lower(),
-            "score": trial.value,
-            "std": float(np.std(seeds)) if len(seeds) > 1 else None,
-            "seed_scores": " ".join(f"{s:.4f}" for s in seeds),
-            **{k: settings[k] for k in PARAM_COLUMNS},
-            "minutes": round(duration, 2) if duration is not None else None,
-        })
-    return rows
-
-
-class _Fixed:
-    """A stand-in trial that answers hp_space with a finished trial's parameters (fixed ranges stay fixed)."""
-
-    def __init__(self, params: dict[str, Any]):
-        self.params = params
-
-    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
-        return self.params.get(name, math.nan)
-
-    def suggest_categorical(self, name: str, choices: list[int]) -> Any:
-        return self.params.get(name)
-
-
-def write_results(
-    rows: list[dict[str, Any]], finished: int, config: RunConfig, recipe_document: dict, metric: str, out: Path
-) -> TuneResult:
-    from finetune.plots import tune_trials
-
-    completed = [row for row in rows if row["state"] == "complete" and row["score"] is not None]
-    if not completed:
-        raise FinetuneError(f"no trial of the search in {out} completed; nothing to recommend")
-    maximize = bool(config.training.greater_is_better)
-    best = (max if maximize else min)(completed, key=lambda row: row["score"])
-    files = [write_csv(rows, out / RESULTS_CSV), write_markdown(rows, best["trial"], metric, config, out / RESULTS_MD)]
-    plot = tune_trials(rows, metric, maximize, out / PLOT_FILE)
-    if plot is not None:
-        files.append(plot)
-    settings = {k: best[k] for k in PARAM_COLUMNS}
-    files.append(write_best_recipe(recipe_document, settings, best, metric, config, out / BEST_RECIPE))
-    return TuneResult(out, best["score"], settings, finished, files)
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def write_markdown(rows: list[dict[str, Any]], best: int, metric: str, config: RunConfig, path: Path) -> Path:
-    seeds = config.tune.tune_seeds
-    header = ["trial", f"{metric} (mean of {seeds} seed{'s' if seeds > 1 else ''})", "std", "per seed",
-              "learning rate", "batch", "epochs", "warmup", "weight decay", "state", "minutes"]
-
-    def shown(value: Any, digits: str = ".4f") -> str:
-        return "" if value is None else format(value, digits) if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        mark = " (best)" if row["trial"] == best else ""
-        lines.append("| " + " | ".join([
-            f"{row['trial']}{mark}", shown(row["score"]), shown(row["std"]), row["seed_scores"],
-            shown(row["learning_rate"], ".3g"), shown(row["per_device_train_batch_size"]),
-            shown(row["num_train_epochs"]), shown(row["warmup_steps"], ".3f"), shown(row["weight_decay"], ".3f"),
-            row["state"], shown(row["minutes"], ".1f"),
-        ]) + " |")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def recipe_of(config: RunConfig) -> dict[str, Any]:
-    """The run's recipe as a document: the recipe file's sections plus every setting given on the command line."""
-    document: dict[str, Any] = {}
-    if config.recipe:
-        document = yaml.safe_load(recipe_path(str(config.recipe)).read_text()) or {}
-    document.pop("tune", None)
-    for key in sorted(config.explicit):
-        section = next((name for name, cls in CONFIG_SECTIONS.items() if key in cls.__dataclass_fields__), None)
-        if section in (None, "tune") or key in NOT_IN_RECIPE or "token" in key:
-            continue
-        value = getattr(getattr(config, section), key)
-        document.setdefault(section, {})[key] = value.value if isinstance(value, Enum) else value
-    return document
-
-
-def write_best_recipe(
-    document: dict[str, Any], settings: dict[str, Any], best: dict[str, Any], metric: str, config: RunConfig,
-    path: Path,
-) -> Path:
-    training = {**document.get("training", {}), **settings}
-    recipe = {**document, "training": training}
-    seeds = config.tune.tune_seeds
-    spread = f" +- {best['std']:.4f}" if best["std"] is not None else ""
-    source = f" (search from recipe {config.recipe})" if config.recipe else ""
-    header = [
-        f"# {config.data.task} {config.data.task_name or ''} with {config.model.model_name_or_path}: settings found by "
-        f"finetune tune{source}",
-        f"# trial {best['trial']}: validation {metric} {best['score']:.4f}{spread}, mean of {seeds} seed(s) from "
-        f"seed {config.training.seed}; searched {config.tune.n_trials} trials ({config.tune.backend})",
-    ]
-    path.write_text("\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False))
-    return path
