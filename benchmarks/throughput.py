@@ -39,6 +39,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "glue-mrpc"
+#: the arm that is a plain Trainer script (benchmarks/plain_trainer.py), not finetune's pipeline
+PLAIN = "plain_trainer"
+#: replaced by a folder created for each invocation of the benchmark
+FRESH_CACHE = "{fresh_cache}"
+#: benchmark-only setting: which dropout modules an experiment sets to p=0 ("attention" or "all")
+DROPOUT = "_dropout_off"
 
 #: run_glue.py's speed-relevant defaults (TrainingArguments' defaults before fused AdamW became one).
 RUN_GLUE_DEFAULTS: dict[str, Any] = {
@@ -56,6 +62,7 @@ RUN_GLUE_DEFAULTS: dict[str, Any] = {
 ARMS: dict[str, tuple[dict[str, Any], dict[str, str], str]] = {
     "baseline": (RUN_GLUE_DEFAULTS, {}, "run_glue.py defaults: pad to 128, random order, fp32, adamw_torch"),
     "finetune": ({}, {}, "the glue-mrpc recipe as shipped (finetune's defaults)"),
+    PLAIN: ({}, {}, "a plain Trainer: dynamic padding + group_by_length + fused AdamW (benchmarks/plain_trainer.py)"),
     # ablation: one feature at a time, cumulative from the baseline up to finetune's defaults
     "+dynamic_padding": (
         {**RUN_GLUE_DEFAULTS, "pad_to_max_length": False},
@@ -82,11 +89,25 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, str], str]] = {
     ),
     "finetune+eager_attention": ({"attn_implementation": "eager"}, {}, "finetune with eager instead of SDPA attention"),
     "finetune+torch_compile": ({"torch_compile": True}, {}, "finetune with torch.compile (inductor)"),
+    # the same, with inductor's on-disk cache in a folder new to this invocation: the first run compiles
+    # from scratch (cold), a second run of this arm in the same invocation finds the first one's kernels (warm)
+    "finetune+torch_compile_own_cache": (
+        {"torch_compile": True}, {"TORCHINDUCTOR_CACHE_DIR": FRESH_CACHE}, "torch.compile, cache new to this benchmark"
+    ),
     "finetune+1_thread": ({}, {"OMP_NUM_THREADS": "1"}, "finetune with one intra-op thread instead of 2"),
+    # experiments, not settings finetune has: what the dropout masks and the batch size cost on this machine
+    "finetune+no_attention_dropout": (
+        {DROPOUT: "attention"}, {}, "finetune with attention-probability dropout 0 (SDPA can use its fused kernel)"
+    ),
+    "finetune+no_dropout": ({DROPOUT: "all"}, {}, "finetune with every dropout 0 (no random masks at all)"),
+    "finetune+batch_32": (
+        {"per_device_train_batch_size": 32}, {}, "finetune at batch 32: does a bigger batch raise samples/s here?"
+    ),
 }
 ABLATION = [
     "baseline", "+dynamic_padding", "+group_by_length", "+fused_adamw", "+global_length_sort",
     "finetune+eager_attention", "finetune+1_thread", "finetune+torch_compile",
+    "finetune+no_attention_dropout", "finetune+no_dropout", "finetune+batch_32",
 ]
 
 #: dense bf16 peak FLOP/s by GPU name (vendor datasheets, without sparsity)
@@ -121,6 +142,7 @@ class RunResult:
     parameters: int = 0
     mfu: float | None = None
     device: str = ""
+    load_average_end: list[float] = field(default_factory=list)  # 1, 5, 15 minutes, as the run ended
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -196,27 +218,26 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
-    """Train one arm for ``opts.steps`` optimizer steps, then evaluate it; all in this process."""
-    import torch
+def finetune_trainer(arm: str, opts: argparse.Namespace, callbacks: list) -> tuple[Any, Any, Any]:
+    """(trainer, validation split, evaluate()) of finetune's pipeline with the arm's settings."""
     from transformers import set_seed
 
     from finetune.config import parse_run_config
     from finetune.pipeline import build_task, tokenized_splits
 
-    settings, _env, _ = ARMS[arm]
-    out = tempfile.mkdtemp(prefix=f"bench-{arm}-")
+    settings = {k: v for k, v in ARMS[arm][0].items() if k != DROPOUT}
     common = {
         "model_name_or_path": opts.model_path,
-        "max_train_samples": opts.train_samples,
+        "max_train_samples": opts.train_samples or None,
         "max_eval_samples": opts.eval_samples,
-        "max_steps": opts.steps,
+        "max_steps": opts.steps or -1,
+        "num_train_epochs": 1,
         "eval_strategy": "no",
         "save_strategy": "no",
         "load_best_model_at_end": False,
         "report_to": "none",
         "disable_tqdm": True,
-        "output_dir": out,
+        "output_dir": tempfile.mkdtemp(prefix=f"bench-{arm}-"),
         "overwrite_output_dir": True,
     }
     if opts.bf16 and arm != "baseline":
@@ -226,47 +247,80 @@ def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
     config.replace_training(include_num_input_tokens_seen="non_padding")
     task = build_task(config)
     set_seed(config.training.seed)
-    raw, tokenized, tokenizer = tokenized_splits(task, config)
-    model = task.load_model(tokenizer)
-    counts = {"real": 0, "padded": 0}
+    _raw, tokenized, tokenizer = tokenized_splits(task, config)
+    model = without_dropout(task.load_model(tokenizer), ARMS[arm][0].get(DROPOUT))
+    trainer = task.build_trainer(model, tokenizer, tokenized["train"], None, callbacks)
+    validation = tokenized["validation"]
+
+    def evaluate():
+        trainer.data_collator = task.data_collator(tokenizer, model)
+        return task.predict(trainer, validation, "validation").metrics
+
+    return trainer, validation, evaluate
+
+
+def without_dropout(model: Any, which: str | None) -> Any:
+    """The model with its attention-probability dropout ("attention") or every dropout ("all") set to 0."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and (which == "all" or (which == "attention" and ".self." in name)):
+            module.p = 0.0
+    return model
+
+
+def plain_trainer(opts: argparse.Namespace, callbacks: list) -> tuple[Any, Any, Any]:
+    """(trainer, validation split, evaluate()) of the plain Trainer script, arm (c)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plain_trainer import build_trainer
+
+    trainer = build_trainer(
+        opts.model_path, opts.train_samples or None, opts.eval_samples, opts.steps or -1, 1,
+        tempfile.mkdtemp(prefix="bench-plain-"), callbacks,
+    )
+    trainer.args.include_num_input_tokens_seen = "non_padding"
+    return trainer, trainer.eval_dataset, trainer.evaluate
+
+
+def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
+    """Train one arm for ``opts.steps`` optimizer steps, then evaluate it; all in this process."""
+    import torch
+
     timer = timing_callback(opts.skip_steps)
-    trainer = task.build_trainer(model, tokenizer, tokenized["train"], None, [timer])
+    build = plain_trainer if arm == PLAIN else lambda o, c: finetune_trainer(arm, o, c)
+    trainer, validation, evaluate = build(opts, [timer])
+    counts = {"real": 0, "padded": 0}
     trainer.data_collator = counting_collator(trainer.data_collator, counts)
     trainer.train()
+    batch = trainer.args.per_device_train_batch_size
     steps = trainer.state.global_step
-    samples = steps * config.training.per_device_train_batch_size  # max_steps <= one epoch: full batches
-    samples = min(samples, len(tokenized["train"]) * max(1, int(trainer.state.epoch + 0.999)))
+    samples = min(steps * batch, len(trainer.train_dataset) * max(1, int(trainer.state.epoch + 0.999)))
     wall = timer.end - timer.begin
     steady_wall = timer.end - timer.steady_begin if timer.steady_begin else float("nan")
-    steady_samples = timer.steady_steps * config.training.per_device_train_batch_size
     result = RunResult(arm=arm, round=round_, train_samples=samples, optimizer_steps=steps, train_wall_s=wall)
     result.train_samples_per_s = samples / wall
     result.real_tokens_per_s = timer.tokens / wall
     result.padding_fraction = 1 - counts["real"] / max(counts["padded"], 1)
-    result.steady_samples_per_s = steady_samples / steady_wall
+    result.steady_samples_per_s = timer.steady_steps * batch / steady_wall
     result.steady_real_tokens_per_s = (timer.tokens - timer.steady_tokens_begin) / steady_wall
     result.peak_memory_mb = peak_memory_mb()
-    result.parameters = model.num_parameters()
+    result.parameters = trainer.model.num_parameters()
     result.device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     peak = peak_flops(result.device) if torch.cuda.is_available() else None
     if peak:
         result.mfu = 6 * result.parameters * result.steady_real_tokens_per_s / peak
-    result.settings = {k: str(v) for k, v in {**settings, "threads": torch.get_num_threads()}.items()}
+    result.settings = {k: str(v) for k, v in {**ARMS[arm][0], "threads": torch.get_num_threads()}.items()}
 
     if opts.eval_samples != 0:
-        trainer.data_collator = counting_collator(task.data_collator(tokenizer, model), {"real": 0, "padded": 0})
         sync()
         start = time.perf_counter()
-        output = task.predict(trainer, tokenized["validation"], "validation")
+        metrics = evaluate() or {}
         sync()
         result.eval_wall_s = time.perf_counter() - start
-        result.eval_samples = len(tokenized["validation"])
+        result.eval_samples = len(validation)
         result.eval_samples_per_s = result.eval_samples / result.eval_wall_s
-        result.eval_metrics = {
-            k.removeprefix("eval_"): round(v, 4)
-            for k, v in (output.metrics or {}).items()
-            if k.removeprefix("eval_") in ("f1", "accuracy")
-        }
+        named = {k.removeprefix("eval_"): v for k, v in metrics.items()}
+        result.eval_metrics = {k: round(v, 4) for k, v in named.items() if k in ("f1", "accuracy")}
     return result
 
 
@@ -278,7 +332,7 @@ def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
 def run_in_subprocess(arm: str, round_: int, opts: argparse.Namespace, argv: list[str]) -> RunResult:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = handle.name
-    env = {**os.environ, **ARMS[arm][1]}
+    env = {**os.environ, **{k: v.replace(FRESH_CACHE, opts.fresh_cache) for k, v in ARMS[arm][1].items()}}
     command = [sys.executable, __file__, *argv, "--_child", arm, "--_round", str(round_), "--_result", result_path]
     subprocess.run(command, env=env, check=True)
     values = json.loads(Path(result_path).read_text())
@@ -315,18 +369,21 @@ def ratios(summary: dict[str, dict[str, Any]], reference: str = "baseline") -> d
     }
 
 
-def table(summary: dict[str, dict[str, Any]], rel: dict[str, dict[str, float]]) -> str:
+def table(
+    summary: dict[str, dict[str, Any]], rel: dict[str, dict[str, float]], rel_plain: dict[str, dict[str, float]]
+) -> str:
     header = (
-        "| arm | train samples/s | x baseline | real tokens/s | padding | steady samples/s | peak MB | "
-        "train wall s | eval samples/s | F1 | accuracy | MFU |"
+        "| arm | train samples/s | x baseline | x plain Trainer | real tokens/s | padding | steady samples/s "
+        "| peak MB | train wall s | eval samples/s | F1 | accuracy | MFU |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     for arm, row in summary.items():
         metrics = row["eval_metrics"]
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
         ratio = rel.get(arm, {}).get("train_samples_per_s", float("nan"))
+        ratio_plain = rel_plain.get(arm, {}).get("train_samples_per_s", float("nan"))
         lines.append(
-            f"| {arm} | {row['train_samples_per_s']:.2f} | {ratio:.2f} "
+            f"| {arm} | {row['train_samples_per_s']:.2f} | {ratio:.2f} | {ratio_plain:.2f} "
             f"| {row['real_tokens_per_s']:.0f} | {row['padding_fraction']:.1%} | {row['steady_samples_per_s']:.2f} "
             f"| {row['peak_memory_mb']:.0f} | {row['train_wall_s']:.1f} | {row['eval_samples_per_s']:.1f} "
             f"| {metrics.get('f1', float('nan')):.4f} | {metrics.get('accuracy', float('nan')):.4f} | {mfu} |"
@@ -341,11 +398,12 @@ def load_average() -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", default="baseline,finetune", help="comma-separated arms: " + ", ".join(ARMS))
+    parser.add_argument("--arms", default=f"baseline,finetune,{PLAIN}", help="comma-separated arms: " + ", ".join(ARMS))
     parser.add_argument("--ablation", action="store_true", help="run every feature arm: " + ", ".join(ABLATION))
     parser.add_argument("--rounds", type=int, default=2, help="times each arm runs (alternating)")
-    parser.add_argument("--train_samples", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=32, help="optimizer steps per run (512 / 16 = one epoch)")
+    parser.add_argument("--train_samples", type=int, default=512, help="first N training rows (0: all 3668)")
+    parser.add_argument("--steps", type=int, default=32,
+                        help="optimizer steps per run (512 / 16 = one epoch); 0: one epoch at each arm's batch size")
     parser.add_argument("--eval_samples", type=int, default=None, help="validation rows evaluated (0: none; all)")
     parser.add_argument("--skip_steps", type=int, default=2, help="steps left out of the steady-state figures")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
@@ -369,14 +427,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
     child_argv = [a for a in argv if not a.startswith("--_")]
+    opts.fresh_cache = tempfile.mkdtemp(prefix="bench-inductor-cache-")
     if opts.model == "bert-base":
         child_argv += ["--_model_path", bert_base_checkpoint()]
     load_before = load_average()
     started = time.time()
     results = []
+    # An arm named twice in --arms runs twice per round (e.g. the slow baseline once, the others twice).
+    occurrences = {arm: arms.count(arm) for arm in arms}
     for round_ in range(opts.rounds):
+        seen: dict[str, int] = {}
         for arm in arms:
-            result = run_in_subprocess(arm, round_, opts, child_argv)
+            seen[arm] = seen.get(arm, 0) + 1
+            result = run_in_subprocess(arm, round_ * occurrences[arm] + seen[arm] - 1, opts, child_argv)
+            result.load_average_end = load_average()
             print(
                 f"round {round_} {arm}: {result.train_samples_per_s:.2f} samples/s, "
                 f"padding {result.padding_fraction:.1%}, eval {result.eval_metrics}",
@@ -385,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             write_report(opts, child_argv, arms, results, load_before, started)
     report = write_report(opts, child_argv, arms, results, load_before, started)
-    print(table(report["summary"], report["ratios_vs_baseline"]))
+    print(table(report["summary"], report["ratios_vs_baseline"], report["ratios_vs_plain_trainer"]))
     print(f"load average before {load_before}, after {report['machine']['load_average_after']}")
     if opts.json:
         print(f"wrote {opts.json}")
@@ -413,6 +477,7 @@ def write_report(
         "arms": {arm: ARMS[arm][2] for arm in arms},
         "summary": summary,
         "ratios_vs_baseline": rel,
+        "ratios_vs_plain_trainer": ratios(summary, PLAIN),
         "runs": [asdict(r) for r in results],
     }
     if opts.json:

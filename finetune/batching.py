@@ -9,11 +9,14 @@ almost no padding while every epoch still sees its batches in a new order.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch.utils.data import Sampler, SequentialSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_utils import PredictionOutput
 
 
 class LengthBucketSampler(LengthGroupedSampler):
@@ -65,3 +68,28 @@ class FinetuneSampling:
             return super()._get_eval_sampler(eval_dataset)
         # Distributed: None lets accelerate shard the dataset in order and gather it back in order.
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+
+def longest_first_order(dataset: Dataset) -> np.ndarray:
+    """Row indices sorted by length, longest first (stable): consecutive rows make batches of similar length."""
+    return np.argsort([-len(ids) for ids in dataset["input_ids"]], kind="stable")
+
+
+def longest_first(dataset: Dataset) -> Dataset:
+    """The rows sorted by length, longest first: evaluation batches pad (and generate) less; a batch that
+    does not fit in memory shows at once. For metrics that do not depend on the row order."""
+    return dataset.select(longest_first_order(dataset))
+
+
+def in_row_order(output: PredictionOutput, order: np.ndarray) -> PredictionOutput:
+    """Predictions made on ``dataset.select(order)`` put back in the dataset's own row order."""
+    restore = np.argsort(order)
+
+    def reorder(values: Any) -> Any:
+        if values is None:
+            return None
+        if isinstance(values, tuple):
+            return tuple(reorder(v) for v in values)
+        return np.asarray(values)[restore]
+
+    return PredictionOutput(reorder(output.predictions), reorder(output.label_ids), output.metrics)

@@ -357,6 +357,15 @@ class TrainConfig(TokensNotPickled, TrainingArguments):
             "windows of up to 50 batches."
         },
     )
+    torch_compile: bool | None = field(
+        default=None,
+        metadata={
+            "help": "torch.compile the model (inductor: each repeated layer compiled once, dynamic sequence length). "
+            "Default: decided per run, on only when the planned optimizer steps exceed the break-even measured for "
+            "this device (finetune/compile.py, BENCHMARKS.md); the decision is logged. On this project's 2-core CPU "
+            "compiled steps measured slower than eager, so CPU runs stay eager unless this is true."
+        },
+    )
     padding_free: bool = field(
         default=False,
         metadata={

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from finetune import adapters, report
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
+from finetune.compile import decided_compile
 from finetune.config import INFERENCE_SETTINGS, RunConfig
 from finetune.errors import FinetuneError, Preempted
 from finetune.run_info import run_info
@@ -118,7 +119,7 @@ def prepare_training(config: RunConfig) -> PreparedRun:
     if "train" not in tokenized:
         raise FinetuneError(f"no train split in {task.dataset_id()[0] or 'the data files'}: nothing to train on")
     eval_splits = task.eval_splits(raw)
-    changes = settings_from_data(config, task, eval_splits)
+    changes = settings_from_data(config, task, eval_splits) | decided_compile(config.training, len(tokenized["train"]))
     if changes:
         config.replace_training(**changes)
     model = trainable_model(task.load_model(tokenizer), config)

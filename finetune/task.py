@@ -38,7 +38,8 @@ from transformers import (
 from transformers.trainer_utils import PredictionOutput
 
 from finetune import metrics, modeling
-from finetune.batching import FinetuneSampling
+from finetune.batching import FinetuneSampling, in_row_order, longest_first, longest_first_order
+from finetune.compile import RegionalCompileMixin
 from finetune.distributed import FsdpTrainerMixin
 from finetune.errors import FinetuneError
 
@@ -52,9 +53,9 @@ def mixed_precision(config: RunConfig) -> bool:
     return bool(args.fp16 or args.bf16) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("fp16", "bf16")
 
 
-class FinetuneTrainer(FsdpTrainerMixin, FinetuneSampling, Trainer):
+class FinetuneTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling, Trainer):
     """The Trainer of classification tasks: finetune's batching (``finetune.batching``), FSDP fixes
-    (``finetune.distributed``)."""
+    (``finetune.distributed``), regional compilation (``finetune.compile``)."""
 
 
 class Task(ABC):
@@ -164,6 +165,10 @@ class Task(ABC):
         if self.config.training.class_weights is not None and not self.supports_class_weights:
             raise FinetuneError(f"class_weights is for classification, not {self.family}")
         self.load_metrics()
+        if isinstance(eval_dataset, dict):  # scores do not depend on the row order; padding does
+            eval_dataset = {split: longest_first(rows) for split, rows in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = longest_first(eval_dataset)
         return self.trainer(
             model=model,
             model_init=model_init,
@@ -182,8 +187,10 @@ class Task(ABC):
         return FinetuneTrainer(args=self.config.trainer_arguments(), **kwargs)
 
     def predict(self, trainer: Trainer, dataset: Dataset, split: str) -> PredictionOutput:
-        """Predictions (and metrics, where labels exist) for one tokenized split."""
-        return trainer.predict(dataset, metric_key_prefix="eval")
+        """Predictions (and metrics, where labels exist) for one tokenized split, in its row order; computed
+        longest rows first, so that each batch pads to a length close to its rows' own."""
+        order = longest_first_order(dataset)
+        return in_row_order(trainer.predict(dataset.select(order), metric_key_prefix="eval"), order)
 
     @abstractmethod
     def prediction_records(self, raw: Dataset, output: PredictionOutput) -> list[dict[str, Any]]:

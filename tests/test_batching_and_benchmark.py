@@ -97,7 +97,7 @@ def test_benchmark_runs_both_arms_and_writes_its_report(tiny_model_dir, tmp_path
             "--model", str(tiny_model_dir("bert")), "--json", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report["summary"]) == {"baseline", "finetune"}
+    assert set(report["summary"]) == {"baseline", "finetune", "plain_trainer"}
     base, ours = report["summary"]["baseline"], report["summary"]["finetune"]
     for row in (base, ours):
         assert row["optimizer_steps"] == 2 and row["train_samples"] == 2 * 16  # the recipe's batch 16
@@ -105,7 +105,8 @@ def test_benchmark_runs_both_arms_and_writes_its_report(tiny_model_dir, tmp_path
         assert 0 <= row["eval_metrics"]["f1"] <= 1 and row["eval_samples"] == 16
     assert base["padding_fraction"] > 0.5 > ours["padding_fraction"]  # padded to 128 vs per batch
     assert report["ratios_vs_baseline"]["baseline"]["train_samples_per_s"] == pytest.approx(1.0)
-    assert len(report["runs"]) == 2 and report["machine"]["load_average_before"]
+    assert report["ratios_vs_plain_trainer"]["plain_trainer"]["train_samples_per_s"] == pytest.approx(1.0)
+    assert len(report["runs"]) == 3 and report["machine"]["load_average_before"]
 
 
 def test_benchmark_arm_counts_real_and_padded_tokens(tiny_model_dir, tmp_path):
@@ -119,3 +120,60 @@ def test_benchmark_arm_counts_real_and_padded_tokens(tiny_model_dir, tmp_path):
     assert result.padding_fraction > 0.5  # MRPC pairs average ~53 tokens, padded to 128
     assert result.real_tokens_per_s < result.train_samples_per_s * 128
     assert result.eval_samples == 16 and set(result.eval_metrics) == {"f1", "accuracy"}
+
+
+def test_plain_trainer_arm_is_a_plain_trainer_with_the_recipe_hyperparameters(tiny_model_dir, tmp_path):
+    """Arm (c): transformers' own Trainer class, dynamic padding, length-grouped batches, fused AdamW."""
+    bench = load_benchmark()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from plain_trainer import build_trainer
+    from transformers import Trainer
+
+    trainer = build_trainer(str(tiny_model_dir("bert")), 32, 16, 2, str(tmp_path / "plain"))
+    assert type(trainer) is Trainer
+    args = trainer.args
+    assert (args.train_sampling_strategy, args.optim) == ("group_by_length", "adamw_torch_fused")
+    assert (args.learning_rate, args.per_device_train_batch_size, args.warmup_steps, args.weight_decay) == (
+        1e-4, 16, 0.1, 0.01
+    )
+    opts = bench.main.__globals__["argparse"].Namespace(
+        model_path=str(tiny_model_dir("bert")), train_samples=32, eval_samples=16, steps=2, skip_steps=1, bf16=False
+    )
+    result = bench.run_arm("plain_trainer", 0, opts)
+    assert result.optimizer_steps == 2 and result.train_samples == 2 * 16
+    assert 0 < result.padding_fraction < 0.5  # padded per batch, not to 128
+    assert result.eval_samples == 16 and set(result.eval_metrics) == {"f1", "accuracy"}
+
+
+def test_dropout_experiments_switch_off_the_dropout_they_name(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    bench = load_benchmark()
+    load = lambda: AutoModelForSequenceClassification.from_pretrained(tiny_model_dir("bert"))  # noqa: E731
+    probabilities = lambda m: {n: d.p for n, d in m.named_modules() if isinstance(d, torch.nn.Dropout)}  # noqa: E731
+    before = probabilities(load())
+    attention = probabilities(bench.without_dropout(load(), "attention"))
+    assert {n for n, p in attention.items() if p == 0} == {n for n in before if ".attention.self." in n} != set()
+    assert all(p == before[n] > 0 for n, p in attention.items() if ".attention.self." not in n)
+    assert set(probabilities(bench.without_dropout(load(), "all")).values()) == {0.0}
+    assert probabilities(bench.without_dropout(load(), None)) == before
+
+
+def test_classification_predicts_longest_first_and_returns_rows_in_order(tiny_model_dir, tmp_path):
+    """Evaluation batches of similar length: fewer padded positions, same predictions in the dataset's order."""
+    task, trainer, tokenized = glue_trainer(tiny_model_dir("bert"), tmp_path, train_sampling_strategy="sequential")
+    validation = tokenized["validation"]
+    padded: list[int] = []
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: (padded.append(len(rows) * max(len(r["input_ids"]) for r in rows)),
+                                          collate(rows))[1]
+    plain = trainer.predict(validation)  # the Trainer on its own: batches in row order
+    unsorted_positions, padded[:] = sum(padded), []
+    ours = task.predict(trainer, validation, "validation")
+    assert sum(padded) < 0.8 * unsorted_positions
+    np.testing.assert_allclose(ours.predictions, plain.predictions, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ours.label_ids, plain.label_ids)
+    assert ours.metrics["eval_f1"] == pytest.approx(plain.metrics["test_f1"])
+    # evaluation during training gets the split longest first too (its scores do not depend on the order)
+    sorted_split = task.build_trainer(trainer.model, trainer.processing_class, None, validation, []).eval_dataset
+    assert [len(ids) for ids in sorted_split["input_ids"]] == sorted(map(len, validation["input_ids"]), reverse=True)

@@ -34,6 +34,7 @@ from transformers import (
 from transformers.trainer_utils import PredictionOutput
 
 from finetune import data, generation_metrics, metrics, mirror, modeling
+from finetune.batching import longest_first_order
 from finetune.errors import FinetuneError
 from finetune.generation.encoding import (
     IGNORE_INDEX,
@@ -242,9 +243,9 @@ class GenerationTask(Task):
     ) -> Trainer:
         limit = self.config.data.max_eval_samples
         if isinstance(eval_dataset, dict):
-            eval_dataset = {split: longest_first(data.truncated(d, limit)) for split, d in eval_dataset.items()}
+            eval_dataset = {split: data.truncated(d, limit) for split, d in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = longest_first(data.truncated(eval_dataset, limit))
+            eval_dataset = data.truncated(eval_dataset, limit)
         return super().build_trainer(model, tokenizer, train_dataset, eval_dataset, callbacks)
 
     def trainer(self, **kwargs: Any) -> Trainer:
@@ -286,7 +287,7 @@ class GenerationTask(Task):
         The final scores use every reference of an example, untruncated, and the baseline is scored by the
         same function on the same rows.
         """
-        order = np.argsort([-len(ids) for ids in dataset["input_ids"]], kind="stable")
+        order = longest_first_order(dataset)
         scoring, trainer.compute_metrics = trainer.compute_metrics, None
         try:
             output = trainer.predict(dataset.select(order), metric_key_prefix="eval")
@@ -331,11 +332,6 @@ class GenerationTask(Task):
 def as_token_ids(predictions: Any) -> np.ndarray:
     predictions = predictions[0] if isinstance(predictions, tuple) else predictions
     return np.asarray(predictions)
-
-
-def longest_first(dataset: Dataset) -> Dataset:
-    """The rows sorted by length, longest first: batches of similar length pad and generate less."""
-    return dataset.select(np.argsort([-len(ids) for ids in dataset["input_ids"]], kind="stable"))
 
 
 def bert2bert_special_tokens(model: EncoderDecoderModel, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -20,6 +20,7 @@ from transformers.loss.loss_utils import ForMaskedLMLoss
 from transformers.trainer_pt_utils import LabelSmoother
 
 from finetune.batching import FinetuneSampling
+from finetune.compile import RegionalCompileMixin
 from finetune.distributed import FsdpTrainerMixin
 from finetune.generation.encoding import IGNORE_INDEX
 from finetune.tokens import TokensNotPickled
@@ -65,7 +66,7 @@ class TokenMeanLoss:
         return ForMaskedLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 
-class GenerationTrainer(FsdpTrainerMixin, FinetuneSampling, Seq2SeqTrainer):
+class GenerationTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling, Seq2SeqTrainer):
     """Seq2SeqTrainer whose evaluation generates; decoder-only models generate from the prompt alone.
 
     FinetuneSampling keeps evaluation batches in dataset order (transformers would group them by length at
