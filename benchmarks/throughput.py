@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_in_subprocess(arm, round_ * occurrences[arm] + seen[arm] - 1, opts, child_argv)
             result.load_average_end = load_average()
             print(
-                f"round {round_} {arm}: {result.train_samples_per_s:.2f} samples/s, "
+                f"round {result.round} {arm}: {result.train_samples_per_s:.2f} samples/s, "
                 f"padding {result.padding_fraction:.1%}, eval {result.eval_metrics}",
                 flush=True,
             )
