@@ -129,7 +129,7 @@ def test_plain_trainer_arm_is_a_plain_trainer_with_the_recipe_hyperparameters(ti
     from plain_trainer import build_trainer
     from transformers import Trainer
 
-    trainer = build_trainer(str(tiny_model_dir("bert")), 32, 16, 2, str(tmp_path / "plain"))
+    trainer = build_trainer(str(tiny_model_dir("bert")), 32, 16, max_steps=2, output_dir=str(tmp_path / "plain"))
     assert type(trainer) is Trainer
     args = trainer.args
     assert (args.train_sampling_strategy, args.optim) == ("group_by_length", "adamw_torch_fused")
