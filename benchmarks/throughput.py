@@ -1,13 +1,15 @@
-"""Training throughput of `finetune`'s default recipe against what `run_glue.py` does by default.
+"""Training throughput of `finetune`'s default recipe against `run_glue.py`'s defaults and a tuned plain Trainer.
 
-Both arms run the real pipeline (``finetune.config.parse_run_config`` -> task -> tokenized datasets ->
-``Task.build_trainer`` -> ``Trainer.train``) on the same model, data, seed and number of optimizer steps,
+The first two arms run the real pipeline (``finetune.config.parse_run_config`` -> task -> tokenized datasets
+-> ``Task.build_trainer`` -> ``Trainer.train``) on the same model, data, seed and number of optimizer steps,
 with the recipe's optimization hyperparameters (learning rate, batch size, warmup, weight decay); they
 differ only in the speed settings:
 
 * ``baseline``: run_glue.py's defaults: every example padded to ``max_seq_length`` (128), random
   sampling, fp32, plain ``adamw_torch``, eval batch 8, no dataloader workers;
-* ``finetune``: the shipped recipe as it is (dynamic padding, length-grouped batches, ...).
+* ``finetune``: the shipped recipe as it is (dynamic padding, length-grouped batches, ...);
+* ``plain_trainer``: ``benchmarks/plain_trainer.py``, a plain ``Trainer`` with nothing of finetune's but
+  dynamic padding, ``group_by_length`` and fused AdamW, the same hyperparameters and data.
 
 Each run is a fresh subprocess (so peak memory, compile caches and thread settings are its own), and the
 arms alternate (a, b, a, b, ...) so that drift of a shared machine's load falls on both. Training time is
