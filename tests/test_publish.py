@@ -66,6 +66,18 @@ class FakeHub(HfApi):
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
+    def serve_trainer_uploads(self, monkeypatch) -> None:
+        """Be the Hub of the Trainer's own pushes, which upload in the background and wait on the futures."""
+
+        def upload_folder(**kwargs):
+            self.calls.append(("upload_folder", (), kwargs))
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
+        monkeypatch.setattr(self, "upload_folder", upload_folder)
+        monkeypatch.setattr("transformers.trainer.hf_api", lambda: self)
+
 
 def http_error(status: int, message: str = "") -> HfHubHTTPError:
     response = httpx2.Response(status, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
@@ -185,14 +197,7 @@ def test_train_push_dry_run_failures_and_the_token_never_written(
 
 
 def test_checkpoint_strategy_lets_the_trainer_push_checkpoints(hub: FakeHub, tiny_model_dir, tmp_path, monkeypatch):
-    def upload_folder(**kwargs):  # the Trainer uploads in the background and waits on the futures
-        hub.calls.append(("upload_folder", (), kwargs))
-        done: Future = Future()
-        done.set_result(None)
-        return done
-
-    monkeypatch.setattr(hub, "upload_folder", upload_folder)
-    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    hub.serve_trainer_uploads(monkeypatch)
     out = tmp_path / "run"
     assert train_pushed(tiny_model_dir("bert"), out, "--hub_strategy", "checkpoint", "--hub_revision", "exp") == 0
     names = hub.names()

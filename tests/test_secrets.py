@@ -10,7 +10,6 @@ included, datasets caches too) and everything printed is searched for the token.
 from __future__ import annotations
 
 import uuid
-from concurrent.futures import Future
 from pathlib import Path
 
 import datasets
@@ -38,15 +37,8 @@ def stub_hub(monkeypatch) -> FakeHub:
         fake.tokens.append(token)
         return fake
 
-    def upload_folder(**kwargs):  # the Trainer uploads in the background and waits on the futures
-        fake.calls.append(("upload_folder", (), kwargs))
-        done: Future = Future()
-        done.set_result(None)
-        return done
-
-    monkeypatch.setattr(fake, "upload_folder", upload_folder)
+    fake.serve_trainer_uploads(monkeypatch)
     monkeypatch.setattr(client, "hub_api", api)
-    monkeypatch.setattr("transformers.trainer.hf_api", lambda: fake)
     return fake
 
 
