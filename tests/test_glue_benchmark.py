@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -194,3 +195,34 @@ def test_bad_options_are_one_line_errors(capsys) -> None:
     assert "unknown GLUE task 'nope'" in capsys.readouterr().err
     assert main(["glue", "--model_name_or_path", "x", "--seed", "3"]) == 2
     assert "--seed is set by finetune glue" in capsys.readouterr().err
+
+
+def test_readme_glue_table_merges_folders_and_sets_published_scores_beside(benchmark: Path, capsys) -> None:
+    """benchmarks/glue_table.py: our row is the runs' task scores (x100, mean ± std), the averages are over the
+    tasks run and over SST-2/MRPC/RTE, and the published rows show "—" where their source has no score."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import glue_table
+
+    glue_table.main([str(benchmark)])
+    printed = capsys.readouterr().out
+    results = read_json(benchmark / "glue_results.json")
+    tasks = results["tasks"]
+    ours = {n: 100 * np.array(tasks[n]["score"]["values"]) for n in ("stsb", "rte", "wnli")}
+    header, _, row, bert, distilbert, minilm = printed.split("\n\n")[0].splitlines()
+    assert header == "| model | STS-B | RTE | WNLI | average (3 tasks) | average (SST-2, MRPC, RTE) |"
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[0] == f"**{Path(results['model_name_or_path']).name}** (finetune, 2 seeds)"
+    assert cells[1:4] == [f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" for v in ours.values()]
+    assert cells[4:] == [f"{np.mean([v.mean() for v in ours.values()]):.1f}", "—"]  # no SST-2/MRPC in this run
+    assert distilbert.split("|")[1:-1] == [" DistilBERT ", " 86.9 ", " 59.9 ", " 56.3 ", " 67.7 ", " 79.6 "]
+    assert [c.strip() for c in minilm.split("|")[1:-1]] == ["MiniLM-L6-H384", "—", "68.9", "—", "—", "82.3"]
+    assert bert.startswith("| BERT-base | 89.0 | 69.3 | 53.5 |")
+    # the detail table's training seconds are each seed's train_runtime
+    runs = tasks["rte"]["runs"].values()
+    seconds = [read_json(benchmark / run / "metrics.json")["train"]["train_runtime"] for run in runs]
+    detail_rte = next(line for line in printed.split("\n\n")[1].splitlines() if line.startswith("| RTE |"))
+    assert f"| {' / '.join(f'{s:.0f}' for s in seconds)} |" in detail_rte
+    assert "arXiv:1910.01108" in printed and "xtremedistil-l6-h384-uncased" in printed
+
+    with pytest.raises(SystemExit, match="stsb is in two folders"):
+        glue_table.main([str(benchmark), str(benchmark)])
