@@ -16,6 +16,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.glue.report import spread
+
 TASKS = ["cola", "sst2", "mrpc", "stsb", "rte", "wnli"]  # GLUE's order; the tasks the offline mirror has in full
 TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE", "wnli": "WNLI"}
 # Every published row has these three, so they make the one average all rows share.
@@ -65,11 +67,6 @@ def merged_tasks(folders: list[Path]) -> tuple[dict[str, dict], dict[str, dict]]
     return tasks, documents
 
 
-def spread(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-
 def average(scores: dict[str, float], names: list[str]) -> str:
     return f"{statistics.fmean(scores[n] for n in names):.1f}" if all(n in scores for n in names) else "—"
 
@@ -78,8 +75,8 @@ def comparison_table(tasks: dict[str, dict], model: str, seeds: int) -> str:
     """One row per model: task scores, the average over the tasks run, and the average over COMMON."""
     ran = [t for t in TASKS if t in tasks]
     header = ["model", *(TITLES[t] for t in ran), f"average ({len(ran)} tasks)", "average (SST-2, MRPC, RTE)"]
-    ours = {t: 100 * statistics.fmean(tasks[t]["score"]["values"]) for t in ran}
-    rows = [[f"**{model}** (finetune, {seeds} seeds)", *(spread(tasks[t]["score"]["values"]) for t in ran),
+    ours = {t: 100 * tasks[t]["score"]["mean"] for t in ran}
+    rows = [[f"**{model}** (finetune, {seeds} seeds)", *(spread(tasks[t]["score"]) for t in ran),
              average(ours, ran), average(ours, COMMON)]]
     for published in PUBLISHED:
         rows.append([published.name, *(f"{published.scores[t]:.1f}" if t in published.scores else "—" for t in ran),
@@ -93,7 +90,7 @@ def detail_table(tasks: dict[str, dict], documents: dict[str, dict]) -> str:
     for name in (t for t in TASKS if t in tasks):
         entry = tasks[name]
         validation = entry["metrics"]["validation"]
-        metrics = ", ".join(f"{metric} {spread(stats['values'])}" for metric, stats in validation.items())
+        metrics = ", ".join(f"{metric} {spread(stats)}" for metric, stats in validation.items())
         seconds = [train_seconds(Path(entry["folder"]) / run) for run in entry["runs"].values()]
         flags = " ".join(flags_that_change_training(documents[name]["train_flags"])) or "—"
         rows.append([TITLES[name], metrics, " / ".join(f"{100 * v:.1f}" for v in entry["score"]["values"]),
