@@ -9,7 +9,6 @@ habits carry over. A recipe is a YAML file with one section per dataclass (``mod
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +23,7 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrate
 from finetune import metrics
 from finetune.distributed import launch_setting_defaults
 from finetune.errors import FinetuneError
+from finetune.precision import decided_precision
 from finetune.run_info import as_flags
 from finetune.tasks import FAMILIES, task_class
 from finetune.tokens import TokensNotPickled
@@ -423,6 +423,8 @@ class RunConfig:
     training: TrainConfig
     hub: HubConfig
     recipe: str | None = None
+    #: the precision the run computes in and why (finetune.precision), decided at parse time
+    precision: str = ""
     explicit: frozenset[str] = frozenset()  # fields the recipe or the command line set
     #: the settings as given (a caller's overrides as flags, then the command line): the reproduce command's
     #: source; never saved as such (it may hold a token)
@@ -436,6 +438,7 @@ class RunConfig:
         training = {k: v for k, v in self.training.to_dict().items() if not k.startswith("_")}
         return {
             "recipe": str(self.recipe) if self.recipe else None,
+            "precision": self.precision,
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "training": training,
@@ -589,7 +592,8 @@ def parse_run_config(
     aliases = field_aliases()  # --r is lora_r
     explicit = set(given) | {aliases.get(name, name) for name in (arg[2:].split("=")[0] for arg in argv or []
                                                                   if arg.startswith("--"))}
-    values = {**vars(namespace), **derived_settings(vars(namespace), explicit, recipe)}
+    precision = decided_precision(vars(namespace), explicit)  # bf16 or fp32, and use_cpu for bf16 on a CPU
+    values = {**vars(namespace), **derived_settings(vars(namespace), explicit, recipe), **precision.settings}
     from finetune.tracking import checked_report_to  # transformers' integrations: imported only when parsing
 
     values["report_to"] = checked_report_to(values.get("report_to"))  # "tensorboard,mlflow"; one line if missing
@@ -603,7 +607,7 @@ def parse_run_config(
     check_peft_settings(sections["peft"], explicit)
     check_best_metric(sections["data"], sections["training"])
     typed = (*as_flags(overrides or {}), *(argv or []))
-    return RunConfig(**sections, recipe=recipe, explicit=frozenset(explicit), typed=typed)
+    return RunConfig(**sections, recipe=recipe, precision=precision.reason, explicit=frozenset(explicit), typed=typed)
 
 
 def check_best_metric(data: DataConfig, training: TrainConfig) -> None:
@@ -650,9 +654,10 @@ def derived_settings(values: dict[str, Any], explicit: set[str], recipe: str | N
     * ``metric_for_best_model``: the task's own metric (F1 for MRPC, ROUGE-L for summarization, ...), from
       the family's preset table, so no model or data is loaded; TrainingArguments then sets
       ``greater_is_better`` from it;
-    * on a GPU: bf16 autocast where the GPU has bf16, and two dataloader workers. Neither helps on a CPU
-      without bf16 units (bf16 is emulated there, and workers take cores from the model); an accelerate
-      config that sets mixed precision decides instead;
+    * (beside these, ``finetune.precision`` decides the precision: bf16 autocast where the device computes
+      bf16 natively, a GPU with bf16 or a CPU with AMX or AVX512-BF16 read from its flags at run time, fp32
+      elsewhere; a recipe, the command line or an accelerate config that sets mixed precision decides instead);
+    * on a GPU, two dataloader workers (on a CPU they would take cores from the model);
     * without a GPU, no pinned memory (pinning needs an accelerator; on a CPU it only warns);
     * what the launch implies (``finetune.distributed.launch_setting_defaults``: gloo for DeepSpeed on CPU).
     """
@@ -669,9 +674,6 @@ def derived_settings(values: dict[str, Any], explicit: set[str], recipe: str | N
         if "dataloader_pin_memory" not in explicit:
             derived["dataloader_pin_memory"] = False
         return derived
-    precision_set = {"bf16", "fp16"} & explicit or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no"
-    if not precision_set and torch.cuda.is_bf16_supported():
-        derived["bf16"] = True
     if "dataloader_num_workers" not in explicit:
         derived["dataloader_num_workers"] = 2
     return derived

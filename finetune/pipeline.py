@@ -6,6 +6,7 @@ Data flows one way: config -> task -> tokenized datasets -> Trainer -> metrics -
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from finetune.task import Task
 from finetune.tasks import task_class
 
 METRICS_FILE = "metrics.json"
+logger = logging.getLogger("finetune")
 
 
 def build_task(config: RunConfig) -> Task:
@@ -127,6 +129,7 @@ def prepare_training(config: RunConfig) -> PreparedRun:
         model, tokenizer, tokenized["train"], eval_dataset_arg(tokenized, eval_splits), run_callbacks(config)
     )
     if trainer.is_world_process_zero():
+        logger.warning("precision %s", config.precision)  # decided at parse time (finetune.precision)
         Path(config.training.output_dir).mkdir(parents=True, exist_ok=True)
         config.save(config.training.output_dir)
         run_info(config, task).write(config.training.output_dir)  # what the model card needs, as trained

@@ -2,7 +2,7 @@
 
 ``finetune push`` reads it back, so the card describes the run as it was trained, whatever machine pushes
 it and whenever: the dataset id and configuration, the task's metrics, the Hub task type, the command
-that reproduces the run from scratch, and the framework versions it ran with.
+that reproduces the run from scratch, the precision it computed in, and the framework versions it ran with.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class RunInfo:
     best_metric: str | None
     command: str
     frameworks: dict[str, str]
+    #: the precision it computed in and why (finetune.precision); empty in runs recorded before it was kept
+    precision: str = ""
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / RUN_INFO_NAME
@@ -71,6 +73,7 @@ def run_info(config: RunConfig, task: Task) -> RunInfo:
         best_metric=config.training.metric_for_best_model,
         command=reproduce_command(config),
         frameworks=framework_versions(),
+        precision=config.precision,
     )
 
 

@@ -42,15 +42,19 @@ from finetune.batching import FinetuneSampling, in_row_order, longest_first, lon
 from finetune.compile import RegionalCompileMixin
 from finetune.distributed import FsdpTrainerMixin
 from finetune.errors import FinetuneError
+from finetune.precision import accelerator_kind
 
 if TYPE_CHECKING:  # config imports the task registry to resolve settings at parse time
     from finetune.config import RunConfig
 
 
-def mixed_precision(config: RunConfig) -> bool:
-    """Whether the run computes in bf16/fp16, set by the recipe or by an accelerate config file."""
+def pad_multiple(config: RunConfig) -> int | None:
+    """What batches are padded to a multiple of: 8 under mixed precision on a GPU, whose tensor cores take
+    matrices in multiples of 8; none on a CPU, where bf16 kernels do not need it and padding is only extra
+    work (BENCHMARKS.md 'Precision')."""
     args = config.training
-    return bool(args.fp16 or args.bf16) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("fp16", "bf16")
+    mixed = bool(args.fp16 or args.bf16) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") in ("fp16", "bf16")
+    return 8 if mixed and not args.use_cpu and accelerator_kind() is not None else None
 
 
 class FinetuneTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling, Trainer):
@@ -113,9 +117,8 @@ class Task(ABC):
         """Model inputs (and ``labels`` where the split has them), one row per raw row, same order."""
 
     def data_collator(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> Any:
-        """Pads each batch to its longest member (to a multiple of 8 under mixed precision)."""
-        multiple = 8 if mixed_precision(self.config) else None
-        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+        """Pads each batch to its longest member (to a multiple of 8 under mixed precision on a GPU)."""
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple(self.config))
 
     # -- training and metrics ------------------------------------------------------------------------------
 

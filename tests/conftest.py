@@ -30,6 +30,10 @@ os.environ["FINETUNE_HUB_MIRROR"] = str(MIRROR)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Every test sees a CPU without bf16 units (finetune.precision reads this instead of /proc/cpuinfo), so runs
+# that leave precision unset compute in fp32 on every host and the numbers tests compare hold; the precision
+# tests set it themselves. Subprocesses (accelerate launch) inherit it.
+os.environ["FINETUNE_CPU_FLAGS"] = ""
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 from conftest import GLUE, SAMPLES
+from transformers import training_args
 
 from finetune import config as config_module
-from finetune import pipeline
+from finetune import pipeline, precision
 from finetune.config import parse_run_config
 
 XSUM = SAMPLES / "xsum_sample" / "sample.jsonl"
@@ -56,13 +57,13 @@ def test_derived_settings_are_decided_at_parse_time(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family, arch", [("glue", "bert"), ("summarization", "t5"), ("summarization", "llama")])
 def test_bf16_flag_reaches_the_accelerator(family: str, arch: str, tiny_model_dir, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    # On a machine without a GPU, TrainingArguments accept bf16 only with use_cpu (CPU autocast).
-    argv = [*family_argv(family, tiny_model_dir(arch), out), "--bf16", "true", "--use_cpu", "true"]
-    config = parse_run_config(None, argv)
+    # Without a GPU, TrainingArguments accept bf16 only with use_cpu (CPU autocast): finetune sets it (issue 23).
+    config = parse_run_config(None, [*family_argv(family, tiny_model_dir(arch), out), "--bf16", "true"])
     trainer = pipeline.prepare_training(config).trainer
     assert trainer.args.bf16 and trainer.args.mixed_precision == "bf16"
     assert trainer.accelerator.mixed_precision == "bf16"
     assert saved(out)["training"]["bf16"] is True
+    assert saved(out)["training"]["use_cpu"] is (not torch.cuda.is_available())
 
 
 def test_gpu_defaults_reach_the_arguments_the_config_file_and_the_accelerator(
@@ -72,19 +73,24 @@ def test_gpu_defaults_reach_the_arguments_the_config_file_and_the_accelerator(
     # The GPU is mocked where finetune looks for one. Mocked for transformers as well, TrainingArguments
     # would move to cuda:0; it runs on the CPU instead, where it accepts bf16 with use_cpu (CPU autocast),
     # so the Trainer and its accelerator can be built here.
-    gpu = SimpleNamespace(is_available=lambda: True, is_bf16_supported=lambda *a, **k: True)
+    gpu = SimpleNamespace(is_available=lambda: True, is_bf16_supported=lambda *a, **k: True,
+                          get_device_name=lambda *a: "NVIDIA H200")
     monkeypatch.setattr(config_module, "torch", SimpleNamespace(cuda=gpu))
+    monkeypatch.setattr(precision, "torch", SimpleNamespace(cuda=gpu))
+    # TrainingArguments (transformers) must believe in the GPU's bf16 too; the accelerator still runs on the CPU.
+    monkeypatch.setattr(training_args, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     out = tmp_path / "run"
-    config = parse_run_config(None, [*family_argv("glue", tiny_model_dir("bert"), out), "--use_cpu", "true"])
+    config = parse_run_config(None, family_argv("glue", tiny_model_dir("bert"), out))
     args = config.training
     assert args.bf16 and args.mixed_precision == "bf16" and args.dataloader_num_workers == 2
+    assert not args.use_cpu and config.precision.startswith("bf16 autocast: NVIDIA H200 computes bf16")
     trainer = pipeline.prepare_training(config).trainer
     assert trainer.args.mixed_precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
     assert saved(out)["training"]["bf16"] is True and saved(out)["training"]["dataloader_num_workers"] == 2
     # set by the user (or by an accelerate config): left alone
     assert not parse_run_config(None, ["--bf16", "false"]).training.bf16
-    workers = parse_run_config(None, ["--dataloader_num_workers", "0", "--use_cpu", "true"]).training
+    workers = parse_run_config(None, ["--dataloader_num_workers", "0"]).training
     assert workers.dataloader_num_workers == 0
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert not parse_run_config(None, []).training.bf16

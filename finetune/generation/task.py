@@ -46,7 +46,7 @@ from finetune.generation.encoding import (
     prompt_around_source,
 )
 from finetune.generation.trainer import GenerationTrainer, TokenMeanLoss, seq2seq_arguments
-from finetune.task import Task, mixed_precision
+from finetune.task import Task, pad_multiple
 
 
 class GenerationTask(Task):
@@ -224,7 +224,7 @@ class GenerationTask(Task):
             generation.forced_bos_token_id = forced_id
 
     def data_collator(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> Any:
-        multiple = 8 if mixed_precision(self.config) else None
+        multiple = pad_multiple(self.config)
         # The model builds decoder_input_ids from the labels (encoder-decoder kinds).
         seq2seq_model = model if self.kind is not ModelKind.DECODER_ONLY else None
         return DataCollatorForSeq2Seq(

@@ -200,7 +200,7 @@ def run_card(run_dir: Path, saved: dict, repo_id: str, api: HfApi | None) -> Mod
         results_table=results_table(evaluated, info.metrics),
         adapter=lora.table if lora else None,
         curves=curves.name if curves else None,
-        hyperparameters=hyperparameters_table(saved),
+        hyperparameters=hyperparameters_table(saved, info.precision),
     )
 
 
@@ -288,9 +288,11 @@ def write_training_curves(run_dir: Path, metric: str | None) -> Path | None:
     return training_curves(history, metric, run_dir / CURVES_NAME)
 
 
-def hyperparameters_table(saved: dict) -> str:
+def hyperparameters_table(saved: dict, precision: str = "") -> str:
     rows = []
     for section, names in HYPERPARAMETERS.items():
         values = saved.get(section, {})
         rows += [f"| {name} | {values[name]} |" for name in names if values.get(name) not in (None, False, -1)]
+    if precision:  # what the run computed in and why it was decided so (finetune.precision)
+        rows.append(f"| precision | {precision} |")
     return "\n".join(["| setting | value |", "|---|---|", *rows])
