@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import evaluate
 import numpy as np
+import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -46,9 +47,11 @@ def build_trainer(
     output_dir: str = "runs/plain-trainer",
     callbacks: list | None = None,
     seed: int = 42,
+    bf16: bool = False,
 ) -> Trainer:
     """A Trainer for MRPC; ``train_samples``/``eval_samples`` take the first rows of each split (None: all);
-    ``max_steps`` (if > 0) overrides ``epochs``."""
+    ``max_steps`` (if > 0) overrides ``epochs``; ``bf16``: autocast, as a user who knows the CPU has bf16 units
+    writes it (TrainingArguments wants ``use_cpu`` for bf16 without a GPU)."""
     tokenizer = AutoTokenizer.from_pretrained(hub_path(model_name, "models"))
     raw = datasets.load_dataset(hub_path("nyu-mll/glue", "datasets"), "mrpc")
 
@@ -79,6 +82,8 @@ def build_trainer(
         seed=seed,
         train_sampling_strategy="group_by_length",
         optim="adamw_torch_fused",
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -100,8 +105,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max_steps", type=int, default=-1, help="optimizer steps (-1: 5 epochs)")
     parser.add_argument("--output_dir", default="runs/plain-trainer")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (also on a CPU)")
     opts = parser.parse_args()
-    trainer = build_trainer(max_steps=opts.max_steps, output_dir=opts.output_dir)
+    trainer = build_trainer(max_steps=opts.max_steps, output_dir=opts.output_dir, bf16=opts.bf16)
     trainer.train()
     print(trainer.evaluate())
 

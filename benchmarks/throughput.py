@@ -7,9 +7,12 @@ differ only in the speed settings:
 
 * ``baseline``: run_glue.py's defaults: every example padded to ``max_seq_length`` (128), random
   sampling, fp32, plain ``adamw_torch``, eval batch 8, no dataloader workers;
-* ``finetune``: the shipped recipe as it is (dynamic padding, length-grouped batches, ...);
+* ``finetune``: the shipped recipe as it is (dynamic padding, length-grouped batches, the precision
+  finetune decides for this machine: bf16 autocast where the CPU has bf16 units, ...);
 * ``plain_trainer``: ``benchmarks/plain_trainer.py``, a plain ``Trainer`` with nothing of finetune's but
-  dynamic padding, ``group_by_length`` and fused AdamW, the same hyperparameters and data.
+  dynamic padding, ``group_by_length`` and fused AdamW, the same hyperparameters and data, in fp32;
+* ``plain_trainer_bf16``: the same plain Trainer with bf16 autocast (``bf16=True, use_cpu=True`` on a CPU):
+  the strongest peer on a CPU with bf16 units.
 
 Each run is a fresh subprocess (so peak memory, compile caches and thread settings are its own), and the
 arms alternate (a, b, a, b, ...) so that drift of a shared machine's load falls on both. Training time is
@@ -40,13 +43,21 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402  (benchmarks/ is not a package)
+
 RECIPE = "glue-mrpc"
 #: the arm that is a plain Trainer script (benchmarks/plain_trainer.py), not finetune's pipeline
 PLAIN = "plain_trainer"
 #: replaced by a folder created for each invocation of the benchmark
 FRESH_CACHE = "{fresh_cache}"
+PLAIN_BF16 = "plain_trainer_bf16"
 #: benchmark-only setting: which dropout modules an experiment sets to p=0 ("attention" or "all")
 DROPOUT = "_dropout_off"
+#: benchmark-only setting: pad training batches to a multiple of this (what finetune does on a GPU)
+PAD_MULTIPLE = "_pad_to_multiple_of"
+#: settings of an arm that are experiments, not finetune settings
+EXPERIMENTS = (DROPOUT, PAD_MULTIPLE)
 
 #: run_glue.py's speed-relevant defaults (TrainingArguments' defaults before fused AdamW became one).
 RUN_GLUE_DEFAULTS: dict[str, Any] = {
@@ -65,6 +76,9 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, str], str]] = {
     "baseline": (RUN_GLUE_DEFAULTS, {}, "run_glue.py defaults: pad to 128, random order, fp32, adamw_torch"),
     "finetune": ({}, {}, "the glue-mrpc recipe as shipped (finetune's defaults)"),
     PLAIN: ({}, {}, "a plain Trainer: dynamic padding + group_by_length + fused AdamW (benchmarks/plain_trainer.py)"),
+    PLAIN_BF16: ({}, {}, "the same plain Trainer with bf16 autocast (bf16=True, use_cpu=True on a CPU)"),
+    "finetune+fp32": ({"bf16": False}, {}, "finetune with --bf16 false"),
+    "finetune+pad_multiple_8": ({PAD_MULTIPLE: 8}, {}, "finetune, batches padded to a multiple of 8 (as on a GPU)"),
     # ablation: one feature at a time, cumulative from the baseline up to finetune's defaults
     "+dynamic_padding": (
         {**RUN_GLUE_DEFAULTS, "pad_to_max_length": False},
@@ -227,11 +241,11 @@ def finetune_trainer(arm: str, opts: argparse.Namespace, callbacks: list) -> tup
     from finetune.config import parse_run_config
     from finetune.pipeline import build_task, tokenized_splits
 
-    settings = {k: v for k, v in ARMS[arm][0].items() if k != DROPOUT}
+    settings = {k: v for k, v in ARMS[arm][0].items() if k not in EXPERIMENTS}
     common = {
         "model_name_or_path": opts.model_path,
         "max_train_samples": opts.train_samples or None,
-        "max_eval_samples": opts.eval_samples,
+        "max_eval_samples": opts.eval_samples or None,  # 0: no evaluation (run_arm skips it)
         "max_steps": opts.steps or -1,
         "num_train_epochs": 1,
         "eval_strategy": "no",
@@ -252,6 +266,8 @@ def finetune_trainer(arm: str, opts: argparse.Namespace, callbacks: list) -> tup
     _raw, tokenized, tokenizer = tokenized_splits(task, config)
     model = without_dropout(task.load_model(tokenizer), ARMS[arm][0].get(DROPOUT))
     trainer = task.build_trainer(model, tokenizer, tokenized["train"], None, callbacks)
+    if ARMS[arm][0].get(PAD_MULTIPLE):
+        trainer.data_collator.pad_to_multiple_of = ARMS[arm][0][PAD_MULTIPLE]
     validation = tokenized["validation"]
 
     def evaluate():
@@ -271,14 +287,14 @@ def without_dropout(model: Any, which: str | None) -> Any:
     return model
 
 
-def plain_trainer(opts: argparse.Namespace, callbacks: list) -> tuple[Any, Any, Any]:
-    """(trainer, validation split, evaluate()) of the plain Trainer script, arm (c)."""
+def plain_trainer(opts: argparse.Namespace, callbacks: list, bf16: bool = False) -> tuple[Any, Any, Any]:
+    """(trainer, validation split, evaluate()) of the plain Trainer script, arm (c), in fp32 or bf16."""
     sys.path.insert(0, str(Path(__file__).parent))
     from plain_trainer import build_trainer
 
     trainer = build_trainer(
-        opts.model_path, opts.train_samples or None, opts.eval_samples, opts.steps or -1, 1,
-        tempfile.mkdtemp(prefix="bench-plain-"), callbacks,
+        opts.model_path, opts.train_samples or None, opts.eval_samples or None, opts.steps or -1, 1,
+        tempfile.mkdtemp(prefix="bench-plain-"), callbacks, bf16=bf16 or opts.bf16,
     )
     trainer.args.include_num_input_tokens_seen = "non_padding"
     return trainer, trainer.eval_dataset, trainer.evaluate
@@ -289,8 +305,10 @@ def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
     import torch
 
     timer = timing_callback(opts.skip_steps)
-    build = plain_trainer if arm == PLAIN else lambda o, c: finetune_trainer(arm, o, c)
-    trainer, validation, evaluate = build(opts, [timer])
+    if arm in (PLAIN, PLAIN_BF16):
+        trainer, validation, evaluate = plain_trainer(opts, [timer], bf16=arm == PLAIN_BF16)
+    else:
+        trainer, validation, evaluate = finetune_trainer(arm, opts, [timer])
     counts = {"real": 0, "padded": 0}
     trainer.data_collator = counting_collator(trainer.data_collator, counts)
     trainer.train()
@@ -312,6 +330,7 @@ def run_arm(arm: str, round_: int, opts: argparse.Namespace) -> RunResult:
     if peak:
         result.mfu = 6 * result.parameters * result.steady_real_tokens_per_s / peak
     result.settings = {k: str(v) for k, v in {**ARMS[arm][0], "threads": torch.get_num_threads()}.items()}
+    result.settings["precision"] = "bf16" if trainer.args.bf16 else "fp32"
 
     if opts.eval_samples != 0:
         sync()
@@ -371,21 +390,19 @@ def ratios(summary: dict[str, dict[str, Any]], reference: str = "baseline") -> d
     }
 
 
-def table(
-    summary: dict[str, dict[str, Any]], rel: dict[str, dict[str, float]], rel_plain: dict[str, dict[str, float]]
-) -> str:
+def table(summary: dict[str, dict[str, Any]], *relative: dict[str, dict[str, float]]) -> str:
+    """One row per arm; ``relative``: ratios against the baseline, the plain Trainer and its bf16 arm."""
     header = (
-        "| arm | train samples/s | x baseline | x plain Trainer | real tokens/s | padding | steady samples/s "
-        "| peak MB | train wall s | eval samples/s | F1 | accuracy | MFU |"
+        "| arm | train samples/s | x baseline | x plain Trainer | x plain Trainer bf16 | real tokens/s | padding "
+        "| steady samples/s | peak MB | train wall s | eval samples/s | F1 | accuracy | MFU |"
     )
-    lines = [header, "|" + "---|" * 13]
+    lines = [header, "|" + "---|" * 14]
     for arm, row in summary.items():
         metrics = row["eval_metrics"]
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
-        ratio = rel.get(arm, {}).get("train_samples_per_s", float("nan"))
-        ratio_plain = rel_plain.get(arm, {}).get("train_samples_per_s", float("nan"))
+        ratios_ = " | ".join(f"{rel.get(arm, {}).get('train_samples_per_s', float('nan')):.2f}" for rel in relative)
         lines.append(
-            f"| {arm} | {row['train_samples_per_s']:.2f} | {ratio:.2f} | {ratio_plain:.2f} "
+            f"| {arm} | {row['train_samples_per_s']:.2f} | {ratios_} "
             f"| {row['real_tokens_per_s']:.0f} | {row['padding_fraction']:.1%} | {row['steady_samples_per_s']:.2f} "
             f"| {row['peak_memory_mb']:.0f} | {row['train_wall_s']:.1f} | {row['eval_samples_per_s']:.1f} "
             f"| {metrics.get('f1', float('nan')):.4f} | {metrics.get('accuracy', float('nan')):.4f} | {mfu} |"
@@ -410,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_steps", type=int, default=2, help="steps left out of the steady-state figures")
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
                         help="Hub id / path, or 'bert-base' for a BERT-base-sized model built from its config")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every arm but the baseline (GPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast in every arm but the baseline, on a GPU or a CPU (default: finetune's arms "
+                        "decide per run, the plain Trainer arms are fp32 / bf16 by name)")
     parser.add_argument("--json", default="benchmarks/results/throughput.json", help="where to write the results")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     parser.add_argument("--_round", type=int, default=0, help=argparse.SUPPRESS)
@@ -451,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             write_report(opts, child_argv, arms, results, load_before, started)
     report = write_report(opts, child_argv, arms, results, load_before, started)
-    print(table(report["summary"], report["ratios_vs_baseline"], report["ratios_vs_plain_trainer"]))
+    print(table(report["summary"], report["ratios_vs_baseline"], report["ratios_vs_plain_trainer"],
+                report["ratios_vs_plain_trainer_bf16"]))
     print(f"load average before {load_before}, after {report['machine']['load_average_after']}")
     if opts.json:
         print(f"wrote {opts.json}")
@@ -469,17 +489,13 @@ def write_report(
         "command": "python benchmarks/throughput.py " + " ".join(child_argv),
         "recipe": RECIPE,
         "model": opts.model,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average_before": load_before,
-            "load_average_after": load_average(),
-        },
+        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": load_average()},
         "elapsed_s": round(time.time() - started, 1),
         "arms": {arm: ARMS[arm][2] for arm in arms},
         "summary": summary,
         "ratios_vs_baseline": rel,
         "ratios_vs_plain_trainer": ratios(summary, PLAIN),
+        "ratios_vs_plain_trainer_bf16": ratios(summary, PLAIN_BF16),
         "runs": [asdict(r) for r in results],
     }
     if opts.json:

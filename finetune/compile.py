@@ -35,10 +35,12 @@ class CompileCost:
         return self.compile_s / saving if saving > 0 else math.inf
 
 
-#: device kind -> measurement (all-MiniLM-L6-v2, one MRPC epoch at batch 16, regional + dynamic compilation;
-#: benchmarks/results/ablation_epoch.json and throughput_epoch.json: medians of the steady-state rates)
+#: "device/precision" -> measurement (all-MiniLM-L6-v2, one MRPC epoch at batch 16, regional + dynamic
+#: compilation; benchmarks/results/ablation_epoch.json and throughput_epoch.json: medians of the steady-state
+#: rates). Precision is part of the key: under bf16 the matrix products are several times cheaper, so the
+#: elementwise work a compiler fuses is a larger share of a step.
 MEASURED: dict[str, CompileCost] = {
-    "cpu": CompileCost(
+    "cpu/fp32": CompileCost(
         compile_s=44.0,  # cold inductor cache; 9 s with a warm one
         eager_step_s=0.385,
         compiled_step_s=0.420,
@@ -47,10 +49,13 @@ MEASURED: dict[str, CompileCost] = {
 }
 
 
-def device_kind() -> str:
+def device_kind(args: Any = None) -> str:
+    """``cuda/bf16``, ``cpu/fp32``, ...: the device a run trains on and the precision it computes in."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not getattr(args, "use_cpu", False) else "cpu"
+    precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
+    return f"{device}/{precision}"
 
 
 def compile_decision(planned_steps: int, kind: str) -> tuple[bool, str]:
@@ -84,7 +89,7 @@ def decided_compile(args: Any, train_rows: int) -> dict[str, Any]:
     """The training-argument change that settles an unset ``torch_compile`` for this run, logged once."""
     if args.torch_compile is not None:
         return {}
-    on, reason = compile_decision(planned_steps(args, train_rows), device_kind())
+    on, reason = compile_decision(planned_steps(args, train_rows), device_kind(args))
     if args.process_index == 0:
         logger.warning("torch.compile %s", reason)
     return {"torch_compile": on}

@@ -177,3 +177,42 @@ def test_classification_predicts_longest_first_and_returns_rows_in_order(tiny_mo
     # evaluation during training gets the split longest first too (its scores do not depend on the order)
     sorted_split = task.build_trainer(trainer.model, trainer.processing_class, None, validation, []).eval_dataset
     assert [len(ids) for ids in sorted_split["input_ids"]] == sorted(map(len, validation["input_ids"]), reverse=True)
+
+
+def test_benchmark_bf16_arms_and_no_evaluation_on_a_cpu(tiny_model_dir, monkeypatch):
+    """Issue 23.5: the plain Trainer's bf16 arm and --bf16 run on a CPU; --eval_samples 0 evaluates nothing;
+    finetune's arm computes in what finetune decides for the CPU (flags mocked: a CPU with AVX512-BF16)."""
+    bench = load_benchmark()
+    monkeypatch.setenv("FINETUNE_CPU_FLAGS", "avx2 avx512f avx512_bf16")
+    monkeypatch.setattr("finetune.precision.accelerator_kind", lambda: None)
+    namespace = bench.main.__globals__["argparse"].Namespace
+    opts = namespace(model_path=str(tiny_model_dir("bert")), train_samples=32, eval_samples=0, steps=2, skip_steps=1,
+                     bf16=False)
+    runs = {arm: bench.run_arm(arm, 0, opts) for arm in ("finetune", "finetune+fp32", "plain_trainer_bf16")}
+    assert {arm: r.settings["precision"] for arm, r in runs.items()} == {
+        "finetune": "bf16", "finetune+fp32": "fp32", "plain_trainer_bf16": "bf16"}
+    assert all(r.optimizer_steps == 2 and r.eval_samples == 0 and r.eval_metrics == {} for r in runs.values())
+    forced = bench.run_arm("plain_trainer", 0, namespace(**{**vars(opts), "bf16": True, "eval_samples": 16}))
+    assert forced.settings["precision"] == "bf16" and forced.eval_samples == 16
+
+
+def test_benchmark_pad_multiple_arm_pads_to_multiples_of_8(tiny_model_dir):
+    bench = load_benchmark()
+    opts = bench.main.__globals__["argparse"].Namespace(
+        model_path=str(tiny_model_dir("bert")), train_samples=32, eval_samples=0, steps=2, skip_steps=1, bf16=False
+    )
+    trainer, _validation, _evaluate = bench.finetune_trainer("finetune+pad_multiple_8", opts, [])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert batch["input_ids"].shape[1] % 8 == 0
+    plain, _validation, _evaluate = bench.finetune_trainer("finetune", opts, [])
+    assert plain.data_collator.pad_to_multiple_of is None  # on a CPU finetune pads to the longest row only
+
+
+def test_machine_info_records_the_cpu_flags_that_decide_bf16(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import machine_info, real_cpu_flags
+
+    monkeypatch.setenv("FINETUNE_CPU_FLAGS", "amx_bf16")  # what finetune decides from; the record shows the truth
+    info = machine_info()
+    assert set(info["cpu_flags"]) <= real_cpu_flags() and info["finetune_cpu_flags_override"] == "amx_bf16"
+    assert info["torch_cpu_capability"] and info["torch_threads"] >= 1 and len(info["load_average"]) == 3

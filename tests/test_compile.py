@@ -28,7 +28,7 @@ def test_decision_follows_the_measured_break_even(monkeypatch) -> None:
     assert compile_decision(151, "fastdevice")[0] is True
     on, reason = compile_decision(150, "fastdevice")
     assert on is False and "break-even 150" in reason and reason.startswith("off")
-    on, reason = compile_decision(10**9, "cpu")  # measured: compiled CPU steps were slower than eager
+    on, reason = compile_decision(10**9, "cpu/fp32")  # measured: compiled CPU steps were slower than eager
     assert on is False and "never pays" in reason and "--torch_compile true" in reason
     on, reason = compile_decision(10**9, "tpu")
     assert on is False and "not been measured on tpu" in reason
@@ -55,7 +55,7 @@ def test_an_unset_torch_compile_is_decided_logged_and_saved(tiny_model_dir, tmp_
     with caplog.at_level(logging.WARNING, logger="finetune"):
         trainer = pipeline.prepare_training(config).trainer
     decision = [r.getMessage() for r in caplog.records if r.getMessage().startswith("torch.compile")]
-    assert decision == ["torch.compile " + compile_decision(1, "cpu")[1]]
+    assert decision == ["torch.compile " + compile_decision(1, "cpu/fp32")[1]]  # the suite's CPU: no bf16 units
     assert trainer.args.torch_compile is False and saved(out)["training"]["torch_compile"] is False
     assert not isinstance(trainer.model.bert.encoder.layer[0], torch._dynamo.eval_frame.OptimizedModule)
 
