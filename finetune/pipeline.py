@@ -16,6 +16,7 @@ from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
 
 from finetune import adapters, report
+from finetune.allocator import keep_freed_memory
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
 from finetune.compile import decided_compile
 from finetune.config import INFERENCE_SETTINGS, RunConfig
@@ -112,6 +113,7 @@ class PreparedRun:
 
 def prepare_training(config: RunConfig) -> PreparedRun:
     """Task, data, model and Trainer; the run folder gets the config with its final settings, once."""
+    keep_freed_memory()  # before the model loads: see finetune.allocator
     task = build_task(config)
     check_output_dir(config)
     resume = resume_checkpoint(config)
