@@ -60,14 +60,18 @@ def scitldr_command(precision: str, out: Path) -> list[str]:
 
 
 def glue_values(out: Path, task: str, precision: str) -> list[float] | None:
-    """The recipe metric of each seed, from finetune glue's results (None until all seeds finished)."""
-    path = out / precision / "glue_results.json"
-    if not path.is_file():
-        return None
-    result = json.loads(path.read_text())["tasks"].get(task)
-    if not result or result["status"] != "done":
-        return None
-    return [round(v, 6) for v in result["metrics"]["validation"][BEST_METRIC[task]]["values"]]
+    """The recipe metric of each seed, from each seed's metrics.json (None until all seeds finished).
+
+    Read per seed rather than from ``glue_results.json``: that file describes the last ``finetune glue``
+    invocation only, and each task here is its own invocation.
+    """
+    values = []
+    for seed in SEEDS.split(","):
+        path = out / precision / task / f"seed-{seed}" / "metrics.json"
+        if not path.is_file():
+            return None
+        values.append(round(json.loads(path.read_text())["eval"]["validation"][BEST_METRIC[task]], 6))
+    return values
 
 
 def scitldr_values(out: Path, precision: str) -> list[float] | None:

@@ -33,8 +33,12 @@ commands:
   tune [RECIPE] [--n_trials N]  hyperparameter search (optuna), resumable; writes the best settings as a recipe
   runs [DIR]                    compare the finished runs under DIR (default runs): metric, time, samples/s
 
-Every setting of `finetune train --help` can be given in a recipe or as --flag value.
+Every setting of `finetune train --help` can be given in a recipe or as --flag value. `--print_config` (train,
+tune, glue) prints the fully resolved settings and exits without loading or writing anything.
+`finetune --version` prints the versions and the device finetune would compute on.
 """
+#: train/tune/glue: print the resolved configuration and exit
+PRINT_CONFIG = "--print_config"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else USAGE_EXIT_CODE
     if argv[0] == "--version":
-        print(__version__)
+        print(version_report())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -61,6 +65,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
+
+
+def version_report() -> str:
+    """finetune's version, the versions of the libraries it runs on, and what it would compute on here."""
+    from importlib import metadata
+
+    import torch
+
+    from finetune import precision
+
+    lines = [f"finetune {__version__}"]
+    for package in ("transformers", "torch", "accelerate", "datasets", "peft"):
+        try:
+            lines.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{package} not installed")
+    unit = precision.cpu_bf16_unit(precision.cpu_flags())
+    cpu = f"cpu: {os.cpu_count()} cores, {unit.name if unit else 'no bf16 units'}"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    lines += [cpu, f"gpu: {', '.join(gpus) if gpus else 'none'}"]
+    return "\n".join(lines)
+
+
+def take_flag(argv: list[str], flag: str) -> tuple[bool, list[str]]:
+    """(whether ``flag`` was given, argv without it)."""
+    return flag in argv, [arg for arg in argv if arg != flag]
 
 
 def fail(message: str) -> int:
@@ -111,8 +141,12 @@ def cmd_recipes(argv: list[str]) -> int:
 def cmd_train(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return show_help("finetune train", "[RECIPE] [--flag value ...]")
+    show, argv = take_flag(argv, PRINT_CONFIG)
     recipe, rest = split_positional(argv)
     config = parsed_config(recipe, rest)
+    if show:  # the resolved settings, derived ones included; nothing loaded, nothing written
+        print(config.to_yaml(), end="")
+        return 0
     from finetune import pipeline
     from finetune.hub import push
 
@@ -254,8 +288,12 @@ def cmd_push(argv: list[str]) -> int:
 def cmd_tune(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return show_help("finetune tune", "[RECIPE] [--n_trials N] [--tune_seeds K] [--flag value ...]")
+    show, argv = take_flag(argv, PRINT_CONFIG)
     recipe, rest = split_positional(argv)
     config = parsed_config(recipe, rest)
+    if show:
+        print(config.to_yaml(), end="")
+        return 0
     from finetune import tune
 
     result = tune.tune(config)

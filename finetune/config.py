@@ -448,9 +448,13 @@ class RunConfig:
             "peft": dataclasses.asdict(self.peft),
         }
 
+    def to_yaml(self) -> str:
+        """What ``finetune_config.yaml`` holds (and ``--print_config`` prints)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=1000)  # one line per setting
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / RESOLVED_CONFIG_NAME
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(self.to_yaml())
         return path
 
     def replace_training(self, **changes: Any) -> None:

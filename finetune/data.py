@@ -44,6 +44,8 @@ def load_local_files(files: dict[str, str]) -> DatasetDict:
             raise FinetuneError(f"{split} file {file}: unsupported format (use {', '.join(FILE_BUILDERS)})")
         if has_no_rows(path):
             raise FinetuneError(f"{split} file {file} is empty: it holds no examples")
+        if path.suffix.lower() in (".csv", ".tsv"):
+            check_field_counts(path, split)
         suffixes.add(path.suffix.lower())
     builders = {FILE_BUILDERS[s] for s in suffixes}
     if len(builders) > 1:
@@ -53,6 +55,27 @@ def load_local_files(files: dict[str, str]) -> DatasetDict:
         return datasets.load_dataset(builders.pop(), data_files=files, **kwargs)
     except Exception as error:  # parser errors from pandas/pyarrow/json have many types
         raise FinetuneError(f"cannot read data files {sorted(files.values())}: {mirror.first_line(error)}") from None
+
+
+def check_field_counts(path: Path, split: str) -> None:
+    """Every row of a csv/tsv has as many fields as its header.
+
+    pandas reads a row with more fields than the header by taking the extra leading ones as an index, so the
+    columns shift and the run later stops on a missing label: the error must name the row instead.
+    """
+    import csv
+
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, [])
+        for row in reader:
+            if row and len(row) != len(header):
+                raise FinetuneError(
+                    f"{split} file {path}: line {reader.line_num} has {len(row)} field(s) but the header "
+                    f"({delimiter.join(header)}) has {len(header)}: a malformed {path.suffix[1:]} (quote values "
+                    "that contain the delimiter)"
+                )
 
 
 def has_no_rows(path: Path) -> bool:

@@ -9,109 +9,35 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Value
+from finetune.tasks.glue_labels import (
+    LabelEncoding,
+    WeightedLossTrainer,
+    class_weights,
+    encode_batch,
+    filled_texts,
+    head_labels,
+    predicted_probability,
+)
+from finetune.tasks.glue_presets import CUSTOM, CUSTOM_REGRESSION, GLUE_DATASET, GLUE_TASKS, MNLI_LABELS, GluePreset
 from transformers import AutoModelForSequenceClassification, EvalPrediction, PretrainedConfig, Trainer
 from transformers.trainer_utils import PredictionOutput
 
 from finetune import adapters, data, metrics, modeling
 from finetune.errors import FinetuneError
 from finetune.metrics import MetricSpec
-from finetune.task import FinetuneTrainer, Task
+from finetune.task import Task
+
+# The presets are the family's table; importers read them from here (finetune.tasks.glue) as from any family.
+__all__ = ["CUSTOM", "CUSTOM_REGRESSION", "GLUE_DATASET", "GLUE_TASKS", "MNLI_LABELS", "GluePreset", "GlueTask"]
+
 
 logger = logging.getLogger("finetune")
-
-GLUE_DATASET = "nyu-mll/glue"
-MNLI_LABELS = ("entailment", "neutral", "contradiction")
-
-
-@dataclass(frozen=True)
-class GluePreset:
-    """One GLUE task: where its data is and how it is scored."""
-
-    text_column: str
-    text_pair_column: str | None
-    #: official metrics (keys of evaluate's ``glue`` module), in the order the GLUE leaderboard reports them
-    metrics: tuple[str, ...]
-    #: label names for tasks whose labels the dataset may not name (AX is test-only); None: regression
-    label_names: tuple[str, ...] | None = None
-    is_regression: bool = False
-    eval_splits: tuple[str, ...] = ("validation",)
-    predict_splits: tuple[str, ...] = ("test",)
-    #: GLUE submission file per predict split
-    submission_files: tuple[str, ...] = ()
-    #: the task whose fine-tuned model makes the predictions (AX is scored with an MNLI model)
-    trained_as: str | None = None
-    best_metric: str = "accuracy"
-    #: predicted label name -> the string the GLUE server expects in the submission file (binary tasks are
-    #: scored as 0/1); empty: the label name itself, or the score for regression
-    submission_labels: tuple[tuple[str, str], ...] = ()
-    #: regression scores are clipped to the range the server scores (STS-B: 0 to 5)
-    submission_range: tuple[float, float] | None = None
-
-
-GLUE_TASKS: dict[str, GluePreset] = {
-    "cola": GluePreset(
-        "sentence", None, ("matthews_correlation",), submission_files=("CoLA.tsv",),
-        best_metric="matthews_correlation",
-        submission_labels=(("unacceptable", "0"), ("acceptable", "1")),
-    ),
-    "sst2": GluePreset(
-        "sentence", None, ("accuracy",), submission_files=("SST-2.tsv",),
-        submission_labels=(("negative", "0"), ("positive", "1")),
-    ),
-    "mrpc": GluePreset(
-        "sentence1", "sentence2", ("f1", "accuracy"), submission_files=("MRPC.tsv",), best_metric="f1",
-        submission_labels=(("not_equivalent", "0"), ("equivalent", "1")),
-    ),
-    "qqp": GluePreset(
-        "question1", "question2", ("f1", "accuracy"), submission_files=("QQP.tsv",), best_metric="f1",
-        submission_labels=(("not_duplicate", "0"), ("duplicate", "1")),
-    ),
-    "stsb": GluePreset(
-        "sentence1",
-        "sentence2",
-        ("pearson", "spearmanr"),
-        is_regression=True,
-        submission_files=("STS-B.tsv",),
-        best_metric="pearson",
-        submission_range=(0.0, 5.0),
-    ),
-    "mnli": GluePreset(
-        "premise",
-        "hypothesis",
-        ("accuracy",),
-        label_names=MNLI_LABELS,
-        eval_splits=("validation_matched", "validation_mismatched"),
-        predict_splits=("test_matched", "test_mismatched"),
-        submission_files=("MNLI-m.tsv", "MNLI-mm.tsv"),
-        best_metric="validation_matched_accuracy",
-    ),
-    "qnli": GluePreset("question", "sentence", ("accuracy",), submission_files=("QNLI.tsv",)),
-    "rte": GluePreset("sentence1", "sentence2", ("accuracy",), submission_files=("RTE.tsv",)),
-    "wnli": GluePreset(
-        "sentence1", "sentence2", ("accuracy",), submission_files=("WNLI.tsv",),
-        submission_labels=(("not_entailment", "0"), ("entailment", "1")),
-    ),
-    "ax": GluePreset(
-        "premise",
-        "hypothesis",
-        ("accuracy",),
-        label_names=MNLI_LABELS,
-        eval_splits=(),
-        submission_files=("AX.tsv",),
-        trained_as="mnli",
-    ),
-}
-
-CUSTOM = GluePreset("sentence", None, ("accuracy",))
-CUSTOM_REGRESSION = GluePreset("sentence", None, ("pearson", "spearmanr"), is_regression=True, best_metric="pearson")
 
 
 class GlueTask(Task):
@@ -491,106 +417,3 @@ class GlueTask(Task):
         for data_id, model_id in self.label_to_model_id.items():
             names[model_id] = self.label_values[data_id]
         return names
-
-
-def class_weights(setting: str, label_ids: np.ndarray, names: list[str]) -> list[float]:
-    """One loss weight per label (dataset order) from ``auto`` or ``w1,w2,...``.
-
-    ``auto`` is sklearn's "balanced" weighting, n / (k * count): inverse frequency, normalised so that the
-    mean weight over the training examples is 1 (the loss keeps its scale, so the learning rate still fits).
-    """
-    if setting.strip() == "auto":
-        counts = np.bincount(label_ids.astype(int), minlength=len(names))
-        if (counts == 0).any():
-            missing = names[int(np.flatnonzero(counts == 0)[0])]
-            raise FinetuneError(f"class_weights auto: label '{missing}' has no training example; give the weights")
-        return [float(w) for w in counts.sum() / (len(names) * counts)]
-    try:
-        weights = [float(part) for part in setting.split(",")]
-    except ValueError:
-        raise FinetuneError(f"class_weights must be 'auto' or numbers w1,w2,..., not '{setting}'") from None
-    if len(weights) != len(names):
-        raise FinetuneError(
-            f"class_weights has {len(weights)} weight(s) but the data has {len(names)} labels ({', '.join(names)})"
-        )
-    if any(w < 0 or not np.isfinite(w) for w in weights) or not any(weights):
-        raise FinetuneError(f"class_weights must be finite, non-negative and not all zero: {setting}")
-    return weights
-
-
-class WeightedLossTrainer(FinetuneTrainer):
-    """The classification Trainer with a class-weighted cross-entropy (``--class_weights``)."""
-
-    # compute_loss returns one micro-batch's weighted mean, as the model's own loss is a micro-batch mean: the
-    # Trainer divides it by the gradient accumulation steps, so accumulation means what it means without weights.
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args: Any, class_weights: torch.Tensor, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.class_weights = class_weights
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        weight = self.class_weights.to(logits.device)
-        loss = F.cross_entropy(logits.float().view(-1, weight.numel()), labels.view(-1), weight=weight)
-        return (loss, outputs) if return_outputs else loss
-
-
-def predicted_probability(logits: np.ndarray | tuple) -> np.ndarray:
-    """Softmax probability of the predicted class (run reports rank mistakes by it)."""
-    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted.max(axis=-1) / shifted.sum(axis=-1)
-
-
-def head_labels(checkpoint: PretrainedConfig) -> list[str] | None:
-    """Label names of a checkpoint's classification head (LABEL_i when unnamed), or None if it has none."""
-    architectures = checkpoint.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        return None
-    return [str(checkpoint.id2label[i]) for i in sorted(checkpoint.id2label)]
-
-
-def filled_texts(batch: dict[str, list], columns: list[str]) -> dict[str, list]:
-    return {c: ["" if text is None else text for text in batch[c]] for c in columns}
-
-
-@dataclass(frozen=True)
-class LabelEncoding:
-    """How dataset labels become the model's label ids (floats for regression)."""
-
-    is_regression: bool
-    #: class id -> label (ClassLabel name or custom value)
-    classes: tuple[Any, ...]
-    #: the column holds the label values (looked up in ``classes``), not class ids
-    by_value: bool
-    to_model_id: dict[int, int] | None
-
-    def __call__(self, values: list) -> list:
-        if self.is_regression:
-            return [float(v) for v in values]
-        if self.by_value:
-            index = {value: i for i, value in enumerate(self.classes)}
-            values = [index[v] for v in values]
-        mapping = self.to_model_id or {}
-        return [mapping.get(int(v), int(v)) for v in values]
-
-
-def encode_batch(
-    batch: dict[str, list],
-    tokenizer,
-    columns: tuple[str, str | None, str],
-    max_length: int,
-    padding: str | bool,
-    labels: LabelEncoding,
-) -> dict[str, list]:
-    """Token ids for a batch of single sentences or sentence pairs, plus ``labels`` where present."""
-    text, pair, label = columns
-    texts = (batch[text],) if pair is None else (batch[text], batch[pair])
-    encoded = tokenizer(*texts, truncation=True, max_length=max_length, padding=padding)
-    if label in batch:
-        encoded["labels"] = labels(batch[label])
-    return encoded

@@ -66,6 +66,18 @@ def test_empty_dataset(capsys, tmp_path) -> None:
     assert_one_line_error(code, err, "empty")
 
 
+def test_malformed_csv_names_the_row_and_its_field_count(capsys, tmp_path) -> None:
+    """Issue 25.7: rows with more fields than the header used to shift the columns (pandas takes the extra
+    leading ones as an index) and the run stopped on 'row(s) without a value in label column'."""
+    train = tmp_path / "reviews.csv"
+    rows = ["great film,5", "bad,1", "fine, really, quite fine,4", "ok,3"]  # line 4: 4 fields, unquoted commas
+    train.write_text("review,stars\n" + "\n".join(rows) + "\n")
+    code, err = run_cli(["train", "--train_file", str(train), "--text_column", "review", "--label_column", "stars",
+                         *tiny_run(tmp_path)], capsys)
+    assert_one_line_error(code, err, "reviews.csv", "line 4 has 4 field(s)", "header (review,stars) has 2", "malformed")
+    assert not (tmp_path / "out").exists()
+
+
 def test_malformed_yaml(capsys, tmp_path) -> None:
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("training:\n  learning_rate: [1e-4\n")

@@ -42,6 +42,7 @@ from finetune.tasks.glue import GLUE_DATASET, GLUE_TASKS, GluePreset
 FIRST_SEED = 42  # the recipes' seed; --seeds N runs 42, 43, ...
 #: set by the runner itself for every run, so not accepted as pass-through flags
 OWN_FLAGS = ("--model_name_or_path", "--output_dir", "--seed", "--task_name", "--push_to_hub")
+PRINT_CONFIG = "--print_config"  # as in finetune train: print what each run would use, then stop
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,10 +51,14 @@ OWN_FLAGS = ("--model_name_or_path", "--output_dir", "--seed", "--task_name", "-
 
 
 def main(argv: list[str]) -> int:
-    options, passthrough = parse_options(argv)
+    show = PRINT_CONFIG in argv
+    options, passthrough = parse_options([arg for arg in argv if arg != PRINT_CONFIG])
     seeds = seed_list(options.seeds)
     tasks = task_list(options.tasks)
     out = Path(options.output_dir or Path("runs") / f"glue-{Path(options.model_name_or_path).name}")
+    if show:
+        print_configs(options.model_name_or_path, tasks, seeds, out, passthrough)
+        return 0
     results = run_benchmark(options.model_name_or_path, tasks, seeds, out, passthrough)
     say(Path(out / RESULTS_MD).read_text())
     say(f"results: {out / RESULTS_JSON}, chart: {out / CHART}, submission: {out / SUBMISSION_ZIP}")
@@ -61,6 +66,16 @@ def main(argv: list[str]) -> int:
     if failed:
         say(f"finetune: {len(failed)} task(s) failed: {', '.join(failed)} (see the table)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def print_configs(model: str, tasks: list[str], seeds: list[int], out: Path, passthrough: list[str]) -> None:
+    """The resolved config of each run the command would train (one YAML document per task, first seed)."""
+    for name in tasks:
+        if GLUE_TASKS[name].trained_as:  # predicted with another task's model: nothing of its own is trained
+            continue
+        run_dir = out / name / f"seed-{seeds[0]}"
+        config = parsed(f"glue-{name}", run_argv(model, run_dir, passthrough, seeds[0]))
+        print(f"--- # glue {name}, seed {seeds[0]} of {len(seeds)}\n{config.to_yaml()}", end="")
 
 
 def say(text: str, file=None) -> None:
