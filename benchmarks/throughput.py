@@ -57,7 +57,8 @@ DROPOUT = "_dropout_off"
 #: benchmark-only setting: pad training batches to a multiple of this (what finetune does on a GPU)
 PAD_MULTIPLE = "_pad_to_multiple_of"
 #: settings of an arm that are experiments, not finetune settings
-EXPERIMENTS = (DROPOUT, PAD_MULTIPLE)
+ALLOCATOR = "_default_allocator"  # experiment: leave glibc malloc as it is (no finetune.allocator)
+EXPERIMENTS = (DROPOUT, PAD_MULTIPLE, ALLOCATOR)
 
 #: run_glue.py's speed-relevant defaults (TrainingArguments' defaults before fused AdamW became one).
 RUN_GLUE_DEFAULTS: dict[str, Any] = {
@@ -79,6 +80,9 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, str], str]] = {
     PLAIN_BF16: ({}, {}, "the same plain Trainer with bf16 autocast (bf16=True, use_cpu=True on a CPU)"),
     "finetune+fp32": ({"bf16": False}, {}, "finetune with --bf16 false"),
     "finetune+pad_multiple_8": ({PAD_MULTIPLE: 8}, {}, "finetune, batches padded to a multiple of 8 (as on a GPU)"),
+    "finetune+default_malloc": (
+        {ALLOCATOR: True}, {}, "finetune without finetune.allocator (glibc malloc unmaps large freed blocks)"
+    ),
     # ablation: one feature at a time, cumulative from the baseline up to finetune's defaults
     "+dynamic_padding": (
         {**RUN_GLUE_DEFAULTS, "pad_to_max_length": False},
@@ -238,9 +242,12 @@ def finetune_trainer(arm: str, opts: argparse.Namespace, callbacks: list) -> tup
     """(trainer, validation split, evaluate()) of finetune's pipeline with the arm's settings."""
     from transformers import set_seed
 
+    from finetune.allocator import keep_freed_memory
     from finetune.config import parse_run_config
     from finetune.pipeline import build_task, tokenized_splits
 
+    if not ARMS[arm][0].get(ALLOCATOR):
+        keep_freed_memory()  # as finetune's own pipeline does (prepare_training), before the model loads
     settings = {k: v for k, v in ARMS[arm][0].items() if k not in EXPERIMENTS}
     common = {
         "model_name_or_path": opts.model_path,

@@ -46,6 +46,13 @@ MEASURED: dict[str, CompileCost] = {
         compiled_step_s=0.420,
         source="BENCHMARKS.md 'What each lever gives', 2-core Xeon (AVX2), torch 2.13",
     ),
+    # 230 steps: eager 47.4 s (0.199 s/step steady), compiled 92.2 s (0.210 s/step steady), so ~44 s of compile
+    "cpu/bf16": CompileCost(
+        compile_s=44.0,
+        eager_step_s=0.199,
+        compiled_step_s=0.210,
+        source="BENCHMARKS.md 'Precision', 2-core AMD EPYC (AVX512-BF16), torch 2.13",
+    ),
 }
 
 

@@ -374,6 +374,15 @@ class TrainConfig(TokensNotPickled, TrainingArguments):
             "examples apart). Saves the compute spent on padding; batch shapes then vary by total length."
         },
     )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Decoder-only models on summarization/translation: compute the training loss from the final "
+            "hidden states of the labelled positions, 1024 at a time, so the batch's full vocabulary-wide logits "
+            "never exist (finetune/generation/chunked_loss.py; same loss and gradients). Off under FSDP/DeepSpeed "
+            "and for heads with logit scaling or soft-capping; false: the model's own loss from full logits."
+        },
+    )
     hub_strategy: HubStrategy | str = _training_default("hub_strategy", "end")
     early_stopping_patience: int | None = field(
         default=None,

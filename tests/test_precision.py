@@ -102,7 +102,8 @@ def linear_output_dtypes(trainer) -> Counter:
     seen: Counter = Counter()
 
     def record(module, inputs, output) -> None:
-        if module.training and isinstance(output, torch.Tensor):
+        # numel 0: a decoder's head under the chunked loss computes no logits in the forward (it keeps its input)
+        if module.training and isinstance(output, torch.Tensor) and output.numel():
             seen[output.dtype] += 1
 
     hooks = [m.register_forward_hook(record) for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)]
@@ -205,3 +206,38 @@ def test_bf16_under_two_cpu_processes(tiny_model_dir, tmp_path: Path) -> None:
     for rank in ranks:
         assert rank["world"] == 2 and rank["master"] == ["torch.float32"]
         assert set(rank["linear"]) == {"torch.bfloat16"} and rank["precision"].startswith("bf16 autocast")
+
+
+def eval_linear_output_dtypes(run) -> Counter:
+    """Generate on the run's evaluation split, counting the dtypes of every eval-mode Linear layer's output."""
+    seen: Counter = Counter()
+
+    def record(module, inputs, output) -> None:
+        if not module.training and isinstance(output, torch.Tensor):
+            seen[output.dtype] += 1
+
+    hooks = [m.register_forward_hook(record) for m in run.trainer.model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        output = run.task.predict(run.trainer, run.tokenized[run.eval_splits[0]], run.eval_splits[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert output.predictions is not None and len(output.predictions) == len(run.tokenized[run.eval_splits[0]])
+    return seen
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("llama", []),  # decoder-only: GenerationTrainer.prediction_step generates from the prompt itself
+    ("gpt2", ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]),  # peft's generate calls the base
+    ("t5", []),  # encoder-decoder: Seq2SeqTrainer's own prediction_step
+])
+def test_generation_in_evaluation_runs_under_bf16_autocast(
+    cpu, arch: str, extra: list[str], tiny_model_dir, tmp_path: Path
+) -> None:
+    """Issue 24.4: evaluation's generate computes in the run's precision, not in fp32 beside a bf16 training."""
+    cpu(AMD_EPYC)
+    config = parse_run_config(None, [*family_argv("summarization", tiny_model_dir(arch), tmp_path / "run"), *extra])
+    run = pipeline.prepare_training(config)
+    run.trainer.train()
+    seen = eval_linear_output_dtypes(run)
+    assert seen and set(seen) == {torch.bfloat16}, seen

@@ -13,6 +13,8 @@ reference texts are, how a prompt asks for the output, which baseline to score a
 
 from __future__ import annotations
 
+import logging
+import os
 from abc import abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
@@ -30,12 +32,14 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
+    TrainingArguments,
 )
 from transformers.trainer_utils import PredictionOutput
 
 from finetune import data, generation_metrics, metrics, mirror, modeling
 from finetune.batching import longest_first_order
 from finetune.errors import FinetuneError
+from finetune.generation.chunked_loss import HiddenStateLoss, unsupported_reason
 from finetune.generation.encoding import (
     IGNORE_INDEX,
     Encoding,
@@ -47,6 +51,8 @@ from finetune.generation.encoding import (
 )
 from finetune.generation.trainer import GenerationTrainer, TokenMeanLoss, seq2seq_arguments
 from finetune.task import Task, pad_multiple
+
+logger = logging.getLogger("finetune")
 
 
 class GenerationTask(Task):
@@ -255,10 +261,23 @@ class GenerationTask(Task):
             args=args,
             decoder_only=decoder_only,
             padding_free=self.padding_free(),
-            # Decoder-only models normalise by num_items_in_batch themselves (ForCausalLMLoss).
-            compute_loss_func=None if decoder_only else TokenMeanLoss(args.label_smoothing_factor),
+            compute_loss_func=self.loss_function(kwargs.get("model"), args),
             **kwargs,
         )
+
+    def loss_function(self, model: Any, args: TrainingArguments) -> Any:
+        """The Trainer's ``compute_loss_func``: the chunked loss of ``finetune.generation.chunked_loss`` for a
+        decoder (where it applies), the token-mean loss for encoder-decoder kinds."""
+        if self.kind is not ModelKind.DECODER_ONLY:
+            return TokenMeanLoss(args.label_smoothing_factor)
+        if not self.config.training.chunked_loss or model is None:
+            return None  # the model's own ForCausalLMLoss, normalised by num_items_in_batch
+        sharded = bool(args.fsdp) or args.deepspeed is not None or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        reason = "its head weights are sharded (FSDP/DeepSpeed)" if sharded else unsupported_reason(model)
+        if reason:
+            logger.info("chunked loss off: %s; the loss comes from the full logits", reason)
+            return None
+        return HiddenStateLoss(model, args.label_smoothing_factor)
 
     def padding_free(self) -> bool:
         if self.config.training.padding_free and self.kind is not ModelKind.DECODER_ONLY:

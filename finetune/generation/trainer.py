@@ -22,6 +22,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 from finetune.batching import FinetuneSampling
 from finetune.compile import RegionalCompileMixin
 from finetune.distributed import FsdpTrainerMixin
+from finetune.generation.chunked_loss import HiddenStateLoss
 from finetune.generation.encoding import IGNORE_INDEX
 from finetune.tokens import TokensNotPickled
 
@@ -78,6 +79,13 @@ class GenerationTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling
         self.decoder_only = decoder_only
         self.padding_free = padding_free
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not isinstance(self.compute_loss_func, HiddenStateLoss) or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The chunks run after the model's forward, outside the autocast accelerate puts around it.
+        with self.compute_loss_func.training(), self.accelerator.autocast():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def get_train_dataloader(self):
         if not self.padding_free:
             return super().get_train_dataloader()
@@ -89,6 +97,13 @@ class GenerationTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling
             self.data_collator = padded
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        # Accelerate autocasts the prepared model's forward only; generate reaches the forward of the model
+        # inside it (peft's base model, the unwrapped module), which computed in fp32 beside a bf16 training.
+        with self.accelerator.autocast():
+            return self.precision_prediction_step(model, inputs, prediction_loss_only, ignore_keys, **gen_kwargs)
+
+    def precision_prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """(loss, generated tokens, labels) of one evaluation batch, in the run's precision."""
         if not self.decoder_only or prediction_loss_only or not self.args.predict_with_generate:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
