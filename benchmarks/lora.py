@@ -6,7 +6,10 @@ the real pipeline (``parse_run_config`` -> task -> tokenized datasets -> ``train
 
 * ``full``: every weight trains (the recipe as shipped);
 * ``lora``: ``--use_peft true --lora_r 16 --lora_alpha 32 --lora_target_modules all-linear`` (same learning
-  rate: the comparison is of cost per step, not of tuned quality).
+  rate: the comparison is of cost per step, not of tuned quality);
+* ``qlora4``, ``qlora8`` (only when named in ``--arms``): the ``lora`` arm over a base loaded in 4-bit NF4
+  (``--load_in_4bit true``) or 8-bit (``--load_in_8bit true``) through bitsandbytes (on a CPU: its CPU backend,
+  ``pip install -e ".[qlora]"``).
 
 The arms alternate within each round (full, lora, full, lora, ...) so that drift of a shared machine's load
 falls on both. Training time is measured from ``on_train_begin`` to ``on_train_end`` (evaluation and
@@ -44,6 +47,13 @@ ARMS: dict[str, dict[str, Any]] = {
     "full": {},
     "lora": {"use_peft": True, "lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["all-linear"]},
 }
+ARMS["qlora4"] = {**ARMS["lora"], "load_in_4bit": True}
+ARMS["qlora8"] = {**ARMS["lora"], "load_in_8bit": True}
+# --gradient_checkpointing: each block's activations recomputed in the backward instead of kept
+ARMS["full_gc"] = {"gradient_checkpointing": True}
+ARMS["lora_gc"] = {**ARMS["lora"], "gradient_checkpointing": True}
+#: the arms run when --arms is not given (the QLoRA arms need bitsandbytes)
+DEFAULT_ARMS = ("full", "lora")
 
 
 @dataclass
@@ -57,6 +67,7 @@ class RunResult:
     train_samples_per_s: float = 0.0
     steady_samples_per_s: float = 0.0
     peak_rss_mb: float = 0.0
+    train_peak_rss_mb: float = 0.0
     trainable_parameters: int = 0
     total_parameters: int = 0
     eval_samples: int = 0
@@ -97,10 +108,12 @@ def run_arm(task_name: str, arm: str, round_: int, opts: argparse.Namespace) -> 
     import torch
     from transformers import set_seed
 
-    from finetune import adapters
+    from finetune import adapters, allocator
     from finetune.config import parse_run_config
     from finetune.pipeline import build_task, tokenized_splits, trainable_model
 
+    # as pipeline.prepare_training does, before the model loads
+    allocator.configure_for(trains_embeddings=not ARMS[arm].get("use_peft", False))
     metric, task_settings = TASKS[task_name]
     overrides = {
         "model_name_or_path": MODEL, "gguf_file": GGUF, "max_train_samples": opts.train_samples,
@@ -110,7 +123,7 @@ def run_arm(task_name: str, arm: str, round_: int, opts: argparse.Namespace) -> 
         "output_dir": tempfile.mkdtemp(prefix=f"bench-{arm}-"), "overwrite_output_dir": True,
         **task_settings, **ARMS[arm],
     }
-    if arm == "lora":
+    if ARMS[arm].get("use_peft"):  # every LoRA arm: the same adapter settings
         overrides["lora_dropout"] = opts.lora_dropout
     config = parse_run_config(task_name, overrides=overrides)
     task = build_task(config)
@@ -129,6 +142,8 @@ def run_arm(task_name: str, arm: str, round_: int, opts: argparse.Namespace) -> 
     result.train_loss = output.training_loss
     counts = adapters.parameter_counts(model)
     result.trainable_parameters, result.total_parameters = counts["trainable"], counts["total"]
+    # Training's own peak (the evaluation below generates and may peak elsewhere).
+    result.train_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     predicted = task.predict(trainer, tokenized["validation"], "validation")
     result.eval_samples = len(tokenized["validation"])
     result.eval_metric = metric
@@ -157,7 +172,7 @@ def summary_rows(results: list[RunResult]) -> list[dict[str, Any]]:
     for key in dict.fromkeys((r.task, r.arm) for r in results):
         runs = [r for r in results if (r.task, r.arm) == key]
         row: dict[str, Any] = {"task": key[0], "arm": key[1], "rounds": len(runs)}
-        for name in ("train_samples_per_s", "steady_samples_per_s", "peak_rss_mb", "train_wall_s"):
+        for name in ("train_samples_per_s", "steady_samples_per_s", "peak_rss_mb", "train_peak_rss_mb", "train_wall_s"):
             row[name] = statistics.median(getattr(r, name) for r in runs)
         values = [r.eval_value for r in runs if r.eval_value is not None]
         row.update(eval_metric=runs[0].eval_metric, eval_value=statistics.median(values) if values else None,
@@ -171,28 +186,41 @@ def summary_rows(results: list[RunResult]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| task | arm | steps x batch | train samples/s | x full | steady samples/s | peak RSS MB | "
-             "trainable params | validation |", "|" + "---|" * 9]
+    lines = ["| task | arm | steps x batch | train samples/s | x full | steady samples/s | peak RSS MB "
+             "(training) | trainable params | validation |", "|" + "---|" * 9]
     for row in rows:
         share = row["trainable_parameters"] / row["total_parameters"]
         value = "-" if row["eval_value"] is None else f"{row['eval_metric']} {row['eval_value']:.4g}"
+        speedup = "-" if row["speedup_vs_full"] is None else f"{row['speedup_vs_full']:.2f}"  # no full arm run
         batch = row["train_samples"] // row["optimizer_steps"]
         lines.append(
             f"| {row['task']} | {row['arm']} | {row['optimizer_steps']} x {batch} "
-            f"| {row['train_samples_per_s']:.3f} | {row['speedup_vs_full']:.2f} | {row['steady_samples_per_s']:.3f} "
-            f"| {row['peak_rss_mb']:.0f} | {row['trainable_parameters']:,} ({share:.1%}) | {value} |"
+            f"| {row['train_samples_per_s']:.3f} | {speedup} | {row['steady_samples_per_s']:.3f} "
+            f"| {row['peak_rss_mb']:.0f} ({row['train_peak_rss_mb']:.0f}) "
+            f"| {row['trainable_parameters']:,} ({share:.1%}) | {value} |"
         )
     return "\n".join(lines)
+
+
+def arm_list(text: str) -> list[str]:
+    """--arms: names of ARMS, comma-separated."""
+    arms = [name for name in text.split(",") if name]
+    unknown = [name for name in arms if name not in ARMS]
+    if unknown or not arms:
+        raise argparse.ArgumentTypeError(f"unknown arm {unknown[0] if unknown else '(none)'}; arms: {', '.join(ARMS)}")
+    return arms
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="recipes to compare on")
+    parser.add_argument("--arms", type=arm_list, default=list(DEFAULT_ARMS),
+                        help=f"arms to run, comma-separated, in this order within each round (of {', '.join(ARMS)})")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the same for both arms)")
     parser.add_argument("--train_samples", type=int, default=256, help="training rows tokenized")
     parser.add_argument("--eval_samples", type=int, default=32, help="validation rows scored after training")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (full, lora) per task")
-    parser.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout of the lora arm")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (the arms in turn) per task")
+    parser.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout of the LoRA arms")
     parser.add_argument("--json", default=None, help="write every run and the summary here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_round", type=int, default=0, help=argparse.SUPPRESS)
@@ -206,7 +234,7 @@ def main() -> int:
     results = []
     for task_name in opts.tasks.split(","):
         for round_ in range(opts.rounds):
-            for arm in ARMS:
+            for arm in opts.arms:
                 result = run_in_subprocess(task_name, arm, round_, argv)
                 print(json.dumps(asdict(result)), flush=True)
                 results.append(result)

@@ -1,50 +1,125 @@
-"""Resident memory of one SmolLM2-135M training step, full vs LoRA (dropout 0.05 and 0): where LoRA's extra goes.
+"""What the autograd graph of one SmolLM2-135M training step keeps, full fine-tuning vs LoRA: where LoRA's memory goes.
 
-Loads the dequantised SmolLM2 copy that `finetune` caches (run any SmolLM2 GGUF recipe once first), then
-for one arm runs a forward and a backward pass on a random batch (4 x 256 tokens) and prints the process's
-RSS and peak RSS after each stage. One arm per process, so that peaks are its own:
+Loads the dequantised SmolLM2 copy that `finetune` caches (run any SmolLM2 GGUF recipe once first), then for one
+arm runs a forward pass on a random batch (4 x 448 tokens: SciTLDR's prompt + target length) under the run's
+precision (bf16 autocast where the CPU has bf16 units, as finetune decides) and counts, with
+``torch.autograd.graph.saved_tensors_hooks``, the distinct tensors autograd keeps for the backward, by the module
+that saved them and by dtype (parameters excluded: they exist anyway). Then the backward, and the process's RSS
+and peak RSS after each stage. One arm per process, so that peaks are its own:
 
-    for arm in full lora lora0; do python benchmarks/lora_memory.py $arm; done
+    for arm in full lora lora_nn_dropout lora0; do python benchmarks/lora_memory.py $arm; done
 
-Not a test; no optimizer step (AdamW state would add 1.1 GB to the full arm only).
+Arms: ``full`` (every weight trains), ``lora`` (r 16, all-linear, dropout 0.05, set up as finetune does:
+``adapters.with_new_adapter``), ``lora_nn_dropout`` (the same with peft's own ``nn.Dropout`` put back: what
+finetune did before), ``lora0`` (dropout 0). The loss is the model's own (full logits): it is the same for every
+arm, and finetune's chunked loss (finetune.generation.chunked_loss) removes it from all of them alike.
+Not a test; no optimizer step (AdamW state and gradients add 1.6 GB to the full arm only).
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import glob
+import json
 import os
 import resource
 import sys
 
 import psutil
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from torch import nn
 
 
-def report(stage: str) -> None:
+def rss_mb() -> tuple[float, float]:
     rss = psutil.Process().memory_info().rss / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"{sys.argv[1]:5s} {stage:13s} rss {rss:6.0f} MB  peak {peak:6.0f} MB", flush=True)
+    return rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def smollm2_path() -> str:
+    cache = os.environ.get("FINETUNE_CACHE", os.path.expanduser("~/.cache/finetune"))
+    found = [p for p in sorted(glob.glob(f"{cache}/gguf/*SmolLM2-135M*")) if not p.endswith(".lock")]
+    if not found:
+        sys.exit("no dequantised SmolLM2 in the finetune cache: run a SmolLM2 GGUF recipe once first")
+    return found[0]
+
+
+def with_lora(model: nn.Module, dropout: float, nn_dropout: bool) -> nn.Module:
+    """The adapter as finetune sets it up (adapters.with_new_adapter), or with peft's nn.Dropout put back."""
+    from finetune import adapters
+    from finetune.config import PeftSettings
+
+    settings = PeftSettings(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=dropout,
+                            lora_target_modules=["all-linear"])
+    wrapped = adapters.with_new_adapter(model, settings, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    if nn_dropout:
+        for module in wrapped.modules():
+            if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+                for name, dropout_module in module.lora_dropout.items():
+                    module.lora_dropout[name] = nn.Dropout(dropout_module.p)
+    return wrapped
+
+
+def module_stack(model: nn.Module) -> list[str]:
+    """A stack of the class names of the modules whose forward is running (hooks keep it)."""
+    stack: list[str] = []
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda mod, args: stack.append(type(mod).__name__))
+        module.register_forward_hook(lambda mod, args, out: None if stack.pop() else None)  # None: output kept
+    return stack
 
 
 def main() -> None:
-    arm = sys.argv[1]
-    cache = os.environ.get("FINETUNE_CACHE", os.path.expanduser("~/.cache/finetune"))
-    path = next(p for p in sorted(glob.glob(f"{cache}/gguf/*SmolLM2-135M*")) if not p.endswith(".lock"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("arm", choices=["full", "lora", "lora_nn_dropout", "lora0"])
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--length", type=int, default=448)
+    parser.add_argument("--json", help="append this arm's figures to this JSON-lines file")
+    opts = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    from finetune import precision
+
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    report("loaded")
-    if arm in ("lora", "lora0"):
-        config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear",
-                            lora_dropout=0.05 if arm == "lora" else 0.0)
-        model = get_peft_model(model, config)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    if opts.arm != "full":
+        model = with_lora(model, 0.0 if opts.arm == "lora0" else 0.05, opts.arm == "lora_nn_dropout")
     model.train()
-    ids = torch.randint(0, model.config.vocab_size, (4, 256))
-    loss = model(input_ids=ids, labels=ids).loss
-    report("forward")
+    stack = module_stack(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, tuple[str, int]] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in saved:
+            where = stack[-1] if stack else "(loss)"
+            saved[storage.data_ptr()] = (f"{where} {str(tensor.dtype).removeprefix('torch.')}", storage.nbytes())
+        return tensor
+
+    bf16 = precision.cpu_bf16_unit(precision.cpu_flags()) is not None
+    ids = torch.randint(0, model.config.vocab_size, (opts.rows, opts.length))
+    figures: dict = {"arm": opts.arm, "batch": [opts.rows, opts.length], "bf16_autocast": bf16,
+                     "loaded": rss_mb()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+    figures["forward"] = rss_mb()
+    by_kind: collections.Counter = collections.Counter()
+    for kind, size in saved.values():
+        by_kind[kind] += size
+    figures["saved_mb"] = round(sum(by_kind.values()) / 2**20, 1)
+    figures["saved_by_module_mb"] = {k: round(v / 2**20, 1) for k, v in by_kind.most_common()}
     loss.backward()
-    report("backward")
+    figures["backward"] = rss_mb()
+    print(f"{opts.arm}: autograd keeps {figures['saved_mb']:.0f} MB for the backward "
+          f"(bf16 autocast {bf16}; batch {opts.rows} x {opts.length})")
+    for kind, size in list(figures["saved_by_module_mb"].items())[:8]:
+        print(f"  {kind:28s} {size:8.1f} MB")
+    for stage in ("loaded", "forward", "backward"):
+        print(f"  after {stage:9s} rss {figures[stage][0]:6.0f} MB  peak {figures[stage][1]:6.0f} MB")
+    if opts.json:
+        with open(opts.json, "a") as handle:
+            handle.write(json.dumps(figures) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import FinetuneError
+from finetune.lora_dropout import with_mask_dropout
 
 if TYPE_CHECKING:  # config imports the task registry, whose families load models through this module
     from finetune.config import PeftSettings
@@ -62,23 +64,111 @@ def quantization_kwargs(settings: PeftSettings | None) -> dict[str, Any]:
     """from_pretrained kwargs that load the frozen base in 4 or 8 bits (bitsandbytes), or nothing."""
     if settings is None or not (settings.load_in_4bit or settings.load_in_8bit):
         return {}
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise FinetuneError("load_in_4bit/load_in_8bit need bitsandbytes: pip install 'finetune[qlora]'") from None
-    from accelerate import PartialState
+    require_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if settings.load_in_4bit:
-        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype_4bit(),
             bnb_4bit_use_double_quant=True,
         )
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
-    # Quantized weights are placed at load time: each process loads onto its own GPU.
-    return {"quantization_config": quantization, "device_map": {"": PartialState().local_process_index}}
+    return {"quantization_config": quantization, "device_map": quantized_device_map()}
+
+
+def require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FinetuneError("load_in_4bit/load_in_8bit need bitsandbytes: pip install 'finetune[qlora]'") from None
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, OncePerMessage) for f in log.filters):
+        log.addFilter(OncePerMessage())
+
+
+class OncePerMessage(logging.Filter):
+    """Each message once: an 8-bit layer evaluating fp32 inputs on a CPU warns at every matrix product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def compute_dtype_4bit() -> torch.dtype:
+    """The dtype 4-bit layers compute in: bf16 where the device computes it natively, else fp16 (GPU) or fp32."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from finetune.precision import cpu_bf16_unit, cpu_flags
+
+    # Without bf16 units the CPU emulates bf16, slower than fp32 (finetune.precision); it has no fast fp16 either.
+    return torch.bfloat16 if cpu_bf16_unit(cpu_flags()) else torch.float32
+
+
+def quantized_device_map() -> dict[str, int | str]:
+    """Quantized weights are placed at load time: each process onto its own GPU, or all onto the CPU."""
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether the (base) model holds bitsandbytes 4- or 8-bit layers."""
+    base = base_of(model)
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def keep_training_layout(model: PreTrainedModel) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout training uses, also in evaluations.
+
+    On a CPU with AVX512-BF16, a Linear4bit repacks its weights for a bf16 inference kernel at its first
+    forward without gradients and keeps them so; when training continues after an evaluation, the forward
+    takes that kernel, whose backward gives other gradients, and evaluations compute in bf16 whatever the
+    compute dtype. Switched off, every forward dequantizes as in training.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def saved_quantization(trained: PretrainedConfig) -> dict[str, Any]:
+    """from_pretrained kwargs that quantize a saved adapter's base as it was trained (QLoRA), or nothing.
+
+    A QLoRA run's config.json records how its base was quantized (quantization_config, compute dtype
+    included). The record is taken off the config: passed on, it would declare the base checkpoint's full
+    precision weights to be quantized ones already.
+    """
+    saved = getattr(trained, "quantization_config", None)
+    if saved is None:
+        return {}
+    del trained.quantization_config
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    record = saved if isinstance(saved, dict) else saved.to_dict()
+    return {"quantization_config": BitsAndBytesConfig.from_dict(dict(record)), "device_map": quantized_device_map()}
+
+
+def prepare_quantized_base(model: PreTrainedModel, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """peft's preparation of a 4/8-bit base: frozen, its norms and other unquantized weights in fp32.
+
+    Training applies it before the adapter; a saved adapter's base gets it too, so that its evaluation
+    computes in the dtypes training did.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def saved_base_model(run_dir: Path) -> dict[str, Any]:
@@ -187,16 +277,18 @@ def lora_config(model: PreTrainedModel, settings: PeftSettings, task_type: str) 
 
 def with_new_adapter(model: Any, settings: PeftSettings, base_name: str, gradient_checkpointing: bool = False) -> Any:
     """``model`` wrapped by peft with a fresh LoRA adapter; only the adapter and the full modules train."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
+    quantize = settings.load_in_4bit or settings.load_in_8bit
     if is_peft_model(model):  # starting from a saved adapter: its update becomes part of the base
-        model = model.merge_and_unload()
+        # A base this run quantizes stays so (peft quantizes the merged weights again); else it is dequantized.
+        model = model.merge_and_unload() if quantize else merged(model)
     targets = [t for item in settings.lora_target_modules for t in str(item).split(",") if t]
     settings = dataclasses.replace(settings, lora_target_modules=targets)
     check_module_names(model, targets, "lora_target_modules")
     check_module_names(model, list(settings.lora_modules_to_save or []), "lora_modules_to_save")
-    if settings.load_in_4bit or settings.load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if quantize:
+        model = prepare_quantized_base(model, gradient_checkpointing)
     task_type = peft_task_type(model)
     config = lora_config(model, settings, task_type)
     try:
@@ -205,6 +297,7 @@ def with_new_adapter(model: Any, settings: PeftSettings, base_name: str, gradien
         raise FinetuneError(f"LoRA cannot be applied: {str(error).splitlines()[0]}") from None
     # The saved adapter names the checkpoint users know (a Hub id), not a local cache path.
     wrapped.peft_config["default"].base_model_name_or_path = base_name
+    with_mask_dropout(wrapped)  # a 1-byte mask per input element for the backward, not 4 bytes of noise
     return wrapped
 
 
@@ -245,7 +338,30 @@ def save_model_files(model: Any, out: Path) -> None:
 
 def merged(model: Any) -> PreTrainedModel:
     """The adapter folded into the base weights: a plain transformers model with no peft layers."""
+    if is_quantized(model):
+        model = over_dequantized_base(model)
     return model.merge_and_unload()
+
+
+def over_dequantized_base(model: Any) -> Any:
+    """The same adapter over the dequantized base: plain Linear layers holding what the 4/8-bit layers compute.
+
+    The adapter was trained over the quantized weights, so it is merged into their dequantized values (the
+    merged model computes what the adapter model does), in the dtype of the model's other weights (fp32 after
+    peft's preparation), so that the merged model has one dtype. peft's own merge into 4/8-bit layers would
+    quantize the sum again, rounding much of the update away; the original full-precision checkpoint is a
+    base the adapter never saw.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = model.active_adapter
+    config = model.peft_config[name]
+    state = get_peft_model_state_dict(model, adapter_name=name)  # the adapter and the modules trained in full
+    base = model.unload()  # the base as it was, with the modules trained in full as trained
+    dense = base.dequantize(dtype=base.get_input_embeddings().weight.dtype)
+    again = get_peft_model(dense, config, adapter_name=name)
+    set_peft_model_state_dict(again, state, adapter_name=name)
+    return again
 
 
 def write_merged_model(model: Any, out: Path) -> None:

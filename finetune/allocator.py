@@ -16,6 +16,13 @@ things do it within the running process:
   its first large allocation, so it is set before any model loads; a value the user set is kept).
 
 The arithmetic is untouched; the process keeps its peak memory until it exits instead of returning it.
+
+That pays where a step allocates large blocks afresh (a trained embedding's gradient), and costs where it does
+not: a LoRA step (frozen embeddings) frees hundreds of small rank-r tensors between its large activations, the
+heap cannot shrink past them, and with nothing unmapped SmolLM2's LoRA peak grew by 0.7 GB for no speed (4007 vs
+3320 MB, 1.14 vs 1.22 samples/s: BENCHMARKS.md 'LoRA memory'), so :func:`configure_for` leaves glibc's own
+settings to LoRA runs. (A fixed 128 KiB mmap threshold gave 3238 MB but 0.49 samples/s: each activation then
+costs its page faults.)
 """
 
 from __future__ import annotations
@@ -38,13 +45,26 @@ def keep_freed_memory() -> bool:
     global _kept
     if _kept:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return False  # musl, macOS, Windows: their allocators differ; left as they are
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+    _kept = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     logger.debug("malloc keeps freed memory (M_MMAP_MAX 0, no heap trimming): %s", _kept)
     return _kept
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (whose mallopt this module speaks)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def configure_for(trains_embeddings: bool) -> bool:
+    """Keep freed memory where a step allocates a trained embedding's gradient anew; else leave glibc as it is."""
+    return keep_freed_memory() if trains_embeddings else False

@@ -101,6 +101,9 @@ def fail(message: str) -> int:
 def quiet_third_party_logs() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("datasets").setLevel(logging.WARNING)
+    # peft imports bitsandbytes where installed, for every LoRA run; its CPU backend then warns that the optional
+    # `kernels` package (which fetches a faster 4-bit kernel from the Hub) is missing, and uses its own kernel.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ habits carry over. A recipe is a YAML file with one section per dataclass (``mod
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -306,10 +307,14 @@ class PeftSettings:
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale by alpha/sqrt(r)."})
     load_in_4bit: bool = field(
-        default=False, metadata={"help": "QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes; CUDA only)."}
+        default=False,
+        metadata={"help": "QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes: on a CUDA GPU, or on the "
+                  "CPU with bitsandbytes >= 0.49)."},
     )
     load_in_8bit: bool = field(
-        default=False, metadata={"help": "Load the frozen base weights in 8-bit (bitsandbytes; CUDA only)."}
+        default=False,
+        metadata={"help": "Load the frozen base weights in 8-bit (bitsandbytes: on a CUDA GPU, or on the CPU with "
+                  "bitsandbytes >= 0.49)."},
     )
     merge_adapter: bool = field(
         default=False,
@@ -655,9 +660,45 @@ def check_peft_settings(peft: PeftSettings, explicit: set[str]) -> None:
         raise FinetuneError("lora_target_modules is empty; use all-linear or module names such as q_proj v_proj")
     if peft.load_in_4bit and peft.load_in_8bit:
         raise FinetuneError("load_in_4bit and load_in_8bit exclude each other; choose one")
-    if (peft.load_in_4bit or peft.load_in_8bit) and not torch.cuda.is_available():
-        flag = "load_in_4bit" if peft.load_in_4bit else "load_in_8bit"
-        raise FinetuneError(f"{flag} (QLoRA) needs a CUDA GPU (bitsandbytes); none is available here")
+    if peft.load_in_4bit or peft.load_in_8bit:
+        problem = quantization_problem("load_in_4bit" if peft.load_in_4bit else "load_in_8bit")
+        if problem:
+            raise FinetuneError(problem)
+
+
+#: the first bitsandbytes release whose CPU backend QLoRA was run on here (4-bit NF4 and 8-bit, with backward)
+BITSANDBYTES_CPU = (0, 49)
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None; read from its metadata, so nothing is imported."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as 0.50.2 or 0.49.0.dev0."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def quantization_problem(flag: str) -> str | None:
+    """Why ``flag`` (load_in_4bit/8bit) cannot run here, or None.
+
+    bitsandbytes is needed everywhere; without a CUDA GPU it runs on its CPU backend, which older releases lack.
+    Checked from the package metadata: importing bitsandbytes takes seconds and settings are parsed often.
+    """
+    version = installed_version("bitsandbytes")
+    cuda = torch.cuda.is_available()
+    install = "pip install 'finetune[qlora]'"
+    if version is None:
+        where = "" if cuda else " (there is no CUDA GPU here, so it would run on its CPU backend, >= 0.49)"
+        return f"{flag} (QLoRA) needs bitsandbytes, which is not installed{where}: {install}"
+    if not cuda and release(version) < BITSANDBYTES_CPU:
+        return (f"{flag} (QLoRA) without a CUDA GPU needs bitsandbytes >= 0.49 for its CPU backend; there is no CUDA "
+                f"GPU here and bitsandbytes {version} is installed: {install}")
+    return None
 
 
 def derived_settings(values: dict[str, Any], explicit: set[str], recipe: str | None) -> dict[str, Any]:

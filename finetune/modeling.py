@@ -124,6 +124,8 @@ def load_model(auto_class: Any, cfg: ModelConfig, peft: PeftSettings | None = No
         "models",
     )
     setattr(model, adapters.NEW_WEIGHTS_ATTRIBUTE, sorted(info.get("missing_keys", ())))
+    if adapters.is_quantized(model):
+        adapters.keep_training_layout(model)
     return model
 
 
@@ -141,6 +143,9 @@ def load_adapter_run(auto_class: Any, cfg: ModelConfig, run_dir: Path, **kwargs:
         for name in HEAD_SETTINGS:  # from_pretrained takes these as kwargs only without a config
             if name in kwargs:
                 setattr(trained, name, kwargs.pop(name))
+        quantization = adapters.saved_quantization(trained)  # a QLoRA run: its base quantized as trained
+        if "quantization_config" not in kwargs:  # unless this run quantizes it itself
+            kwargs.update(quantization)
     warm_started = trained is not None and trained.model_type == "encoder-decoder"
     if warm_started and load_config(base).model_type != "encoder-decoder":
         # bert2bert: the base is the encoder checkpoint warm-started as both halves, as in training
@@ -151,6 +156,8 @@ def load_adapter_run(auto_class: Any, cfg: ModelConfig, run_dir: Path, **kwargs:
         model = load_model(auto_class, base, **kwargs, **({"config": trained} if trained is not None else {}))
     if adapters.is_peft_model(model):  # an adapter trained on top of another adapter run
         model = model.merge_and_unload()
+    elif adapters.is_quantized(model):  # as training prepared it, so that it computes in the same dtypes
+        model = adapters.prepare_quantized_base(model)
     if (run_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(run_dir)
     return adapters.with_saved_adapter(model, run_dir)

@@ -15,8 +15,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers import Trainer, TrainerCallback, set_seed
 
-from finetune import adapters, report
-from finetune.allocator import keep_freed_memory
+from finetune import adapters, allocator, report
 from finetune.callbacks import last_complete_checkpoint, preemption, release_signal_handlers
 from finetune.compile import decided_compile
 from finetune.config import INFERENCE_SETTINGS, RunConfig
@@ -113,7 +112,8 @@ class PreparedRun:
 
 def prepare_training(config: RunConfig) -> PreparedRun:
     """Task, data, model and Trainer; the run folder gets the config with its final settings, once."""
-    keep_freed_memory()  # before the model loads: see finetune.allocator
+    # Before the model loads: see finetune.allocator (LoRA freezes the embeddings, so it gives memory back).
+    allocator.configure_for(trains_embeddings=not config.peft.use_peft)
     task = build_task(config)
     check_output_dir(config)
     resume = resume_checkpoint(config)

@@ -48,3 +48,20 @@ def test_training_keeps_freed_memory(tiny_model_dir, tmp_path) -> None:
             str(tmp_path / "run"), "--max_train_samples", "8", "--max_steps", "1", "--report_to", "none"]
     pipeline.prepare_training(parse_run_config(None, argv))
     assert allocator._kept is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_freed_memory_is_kept_only_where_the_embeddings_train(lora: bool, tiny_model_dir, tmp_path, monkeypatch):
+    """LoRA freezes the embeddings: keeping freed memory only grew its peak there (BENCHMARKS.md 'LoRA memory')."""
+    from test_precision import family_argv
+
+    from finetune import allocator, pipeline
+    from finetune.config import parse_run_config
+
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("kept") or True)
+    argv = family_argv("summarization", tiny_model_dir("llama"), tmp_path / "run")
+    if lora:
+        argv += ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]
+    pipeline.prepare_training(parse_run_config(None, argv))
+    assert calls == ([] if lora else ["kept"])

@@ -134,3 +134,26 @@ def test_training_with_the_chunked_loss_ends_at_the_plain_runs_weights(arch: str
         torch.testing.assert_close(
             weights[0][name], value, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_evaluation_loss_comes_from_chunks_and_equals_the_plain_one(arch: str, tiny_model_dir, tmp_path: Path):
+    """The evaluation's loss (generation batches) never materialises a batch's full logits; same loss and scores."""
+    results, widest = [], []
+    for on in ("true", "false"):
+        argv = [*family_argv("summarization", tiny_model_dir(arch), tmp_path / on), "--chunked_loss", on,
+                "--per_device_eval_batch_size", "4"]
+        run = pipeline.prepare_training(parse_run_config(None, argv))
+        head = run.trainer.model.get_output_embeddings()
+        shapes: list[torch.Size] = []
+        handle = head.register_forward_hook(lambda module, args, out, shapes=shapes: shapes.append(out.shape))
+        results.append(run.trainer.evaluate())
+        handle.remove()
+        # positions whose logits one call made (the chunked forward's head returns an empty, 0-wide tensor)
+        widest.append(max(shape[:-1].numel() if shape[-1] else 0 for shape in shapes))
+    on, off = results
+    assert on["eval_loss"] == pytest.approx(off["eval_loss"], rel=1e-5)
+    assert {k: v for k, v in on.items() if "rouge" in k} == {k: v for k, v in off.items() if "rouge" in k}
+    # Plain: the loss forward makes logits for every position of a batch (4 rows x their length); chunked: only
+    # generate's calls, one position per row (prefill keeps the last position), so at most 4.
+    assert widest[1] > 4 * 8 and widest[0] <= 4, widest

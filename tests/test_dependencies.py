@@ -46,7 +46,7 @@ def imported_modules(files: Iterable[Path]) -> set[str]:
 
 def distributions_of(modules: set[str]) -> dict[str, set[str]]:
     """module -> the installed distributions that provide it; an optional package that is not installed here
-    (bitsandbytes, CUDA only) is taken to be the distribution of its own name."""
+    (bitsandbytes, an extra) is taken to be the distribution of its own name."""
     providers = metadata.packages_distributions()
     return {module: {canonical(d) for d in providers.get(module, [])} or {canonical(module)} for module in modules}
 

@@ -56,13 +56,6 @@ def test_wrong_lora_settings_are_one_line_errors(flags: list[str], message: str,
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a CUDA GPU")
-@pytest.mark.parametrize("flag", ["--load_in_4bit", "--load_in_8bit"])
-def test_qlora_without_cuda_is_a_one_line_error(flag: str, tmp_path: Path, capsys) -> None:
-    assert main(["train", "glue-mrpc", "--output_dir", str(tmp_path / "run"), "--use_peft", "true", flag, "true"]) == 2
-    assert f"{flag[2:]} (QLoRA) needs a CUDA GPU" in one_error(capsys)
-
-
 def test_unknown_target_module_is_a_one_line_error_before_training(tiny_model_dir, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert train(tiny_model_dir("llama"), out, "glue-mrpc", *LORA, "--lora_target_modules", "q_proj", "qkv") == 2
