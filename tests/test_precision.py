@@ -213,7 +213,8 @@ def eval_linear_output_dtypes(run) -> Counter:
     seen: Counter = Counter()
 
     def record(module, inputs, output) -> None:
-        if not module.training and isinstance(output, torch.Tensor):
+        # The chunked loss's head returns an empty tensor for its input (no product computed): not counted.
+        if not module.training and isinstance(output, torch.Tensor) and output.numel():
             seen[output.dtype] += 1
 
     hooks = [m.register_forward_hook(record) for m in run.trainer.model.modules() if isinstance(m, torch.nn.Linear)]
