@@ -20,7 +20,7 @@ The arithmetic is untouched; the process keeps its peak memory until it exits in
 That pays where a step allocates large blocks afresh (a trained embedding's gradient), and costs where it does
 not: a LoRA step (frozen embeddings) frees hundreds of small rank-r tensors between its large activations, the
 heap cannot shrink past them, and with nothing unmapped SmolLM2's LoRA peak grew by 0.7 GB for no speed (4007 vs
-3320 MB, 1.14 vs 1.22 samples/s: BENCHMARKS.md 'LoRA memory'), so :func:`configure_for` leaves glibc's own
+3320 MB, 1.14 vs 1.22 samples/s: BENCHMARKS.md 'Decoder memory and QLoRA'), so :func:`configure_for` leaves glibc's own
 settings to LoRA runs. (A fixed 128 KiB mmap threshold gave 3238 MB but 0.49 samples/s: each activation then
 costs its page faults.)
 """

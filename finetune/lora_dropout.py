@@ -5,7 +5,7 @@ peft applies ``nn.Dropout`` to the input of every adapted layer (210 of them in 
 and the multiplication keeps that noise for the backward: 4 bytes per input element per adapted layer, in fp32
 even under bf16 autocast (dropout is not autocast). Measured with ``torch.autograd.graph.saved_tensors_hooks`` on
 a 4 x 448-token SmolLM2 batch under bf16 autocast, that was 1012 MB of the 3005 MB the LoRA graph kept, where
-the dropout-free LoRA graph kept 1993 MB and full fine-tuning's 2160 MB (BENCHMARKS.md 'LoRA memory').
+the dropout-free LoRA graph kept 1993 MB and full fine-tuning's 2160 MB (BENCHMARKS.md 'Decoder memory and QLoRA').
 ``torch.native_dropout`` (what CUDA's fused dropout runs) draws the same Bernoulli(1 - p) mask, scales by the same
 1 / (1 - p), and keeps the mask as bool: a quarter of the memory, same distribution, same expected update.
 """

@@ -52,7 +52,7 @@ def test_training_keeps_freed_memory(tiny_model_dir, tmp_path) -> None:
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_freed_memory_is_kept_only_where_the_embeddings_train(lora: bool, tiny_model_dir, tmp_path, monkeypatch):
-    """LoRA freezes the embeddings: keeping freed memory only grew its peak there (BENCHMARKS.md 'LoRA memory')."""
+    """LoRA freezes the embeddings: keeping freed memory only grew its peak (BENCHMARKS.md 'Decoder memory')."""
     from test_precision import family_argv
 
     from finetune import allocator, pipeline
