@@ -2,9 +2,10 @@
 
 Issue 24, item 4 (generation throughput) starts here. A decoder's evaluation batch runs two things: the
 loss forward over prompt + target (teacher forcing, chunked loss) and ``generate`` from the prompt alone. This
-times each on the longest batch of a run's validation split, the way ``finetune evaluate RUN_DIR`` builds it,
-then the generate levers one at a time on the same prompts: the adapter merged into the weights (peft's
-``merge_adapter``), a merged bf16 copy of the model without autocast, and that copy with a static KV cache.
+times each on the longest ``--batch`` of the first 2 x ``--batch`` validation rows (the data as
+``finetune evaluate RUN_DIR`` builds it), then the generate levers one at a time on the same prompts: the
+adapter merged into the weights (peft's ``merge_adapter``), a merged bf16 copy of the model without autocast,
+and that copy with a static KV cache.
 Each generate arm is compared with today's (peft model, adapter unmerged, bf16 autocast) row by row.
 
     FINETUNE_HUB_MIRROR=../shared/hub HF_HUB_OFFLINE=1 \
