@@ -24,6 +24,7 @@ from finetune.compile import RegionalCompileMixin
 from finetune.distributed import FsdpTrainerMixin
 from finetune.generation.chunked_loss import HiddenStateLoss
 from finetune.generation.encoding import IGNORE_INDEX
+from finetune.generation.shared_prompt import cache_reusable, prompt_aligned, prompt_cache, takes_position_ids
 from finetune.tokens import TokensNotPickled
 
 
@@ -74,10 +75,16 @@ class GenerationTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling
     random), which ``GenerationTask.predict`` relies on to put predictions back against their rows.
     """
 
-    def __init__(self, *args: Any, decoder_only: bool = False, padding_free: bool = False, **kwargs: Any):
+    def __init__(
+        self, *args: Any, decoder_only: bool = False, padding_free: bool = False, share_prompt_forward: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.decoder_only = decoder_only
         self.padding_free = padding_free
+        #: generate starts from the loss forward's KV cache where that is exact (``shared_prompt``); False runs
+        #: the two forwards apart, as before (benchmarks/generation_phases.py times both)
+        self.share_prompt_forward = share_prompt_forward
         #: set while an evaluation batch needs its loss alone (its predictions come from generate)
         self.loss_without_logits = False
 
@@ -111,22 +118,49 @@ class GenerationTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
-        loss = None
-        if labels is not None:
-            # Only the loss is kept, so it too comes from the hidden states in chunks: the full logits of a
-            # batch of 32 x 448 positions x 49152 tokens would be 2.8 GB of fp32 (11 GB peak RSS before).
-            self.loss_without_logits = True
-            try:
-                loss, _, _ = Trainer.prediction_step(self, model, inputs, True, ignore_keys=ignore_keys)
-            finally:
-                self.loss_without_logits = False
         pad = self.model.generation_config.pad_token_id
-        prompt_ids, prompt_mask = left_padded_prompts(inputs["input_ids"], inputs["attention_mask"], labels, pad)
+        if labels is not None and self.share_prompt_forward and takes_position_ids(self.model):
+            loss, prompt_ids, prompt_mask, start = self.loss_and_prompt_cache(model, inputs, pad)
+        else:
+            loss, start = (None if labels is None else self.evaluation_loss(model, inputs)), {}
+            prompt_ids, prompt_mask = left_padded_prompts(inputs["input_ids"], inputs["attention_mask"], labels, pad)
         with torch.no_grad(), self.full_parameters():
             generated = self.model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, synced_gpus=self.parameters_sharded()
+                input_ids=prompt_ids, attention_mask=prompt_mask, synced_gpus=self.parameters_sharded(), **start
             )
         return loss, generated[:, prompt_ids.shape[1]:], labels
+
+    def evaluation_loss(self, model, inputs) -> torch.Tensor:
+        """The teacher-forced loss of a decoder batch as laid out (right-padded), from its own forward."""
+        with self.chunked_evaluation_loss():
+            loss, _, _ = Trainer.prediction_step(self, model, inputs, True)
+        return loss
+
+    def loss_and_prompt_cache(self, model, inputs, pad_token_id: int):
+        """(loss, left-padded prompt ids, their mask, generate's cache keyword), all from one forward.
+
+        The keyword is empty where the cache cannot be handed over. transformers 5.x renamed
+        ``past_key_values`` to ``cache`` (generate takes the old name until 6.0, with a warning): generate gets
+        the name the output used.
+        """
+        batch = prompt_aligned(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], pad_token_id)
+        with self.chunked_evaluation_loss(), torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, batch.model_inputs(), return_outputs=True)
+        name = "cache" if outputs.get("cache") is not None else "past_key_values"
+        cache = outputs.get(name)
+        reusable = cache_reusable(cache, self.model.generation_config) and not self.parameters_sharded()
+        start = {name: prompt_cache(cache, batch)} if reusable else {}
+        return loss.detach().mean(), batch.prompt_ids, batch.prompt_mask, start
+
+    @contextlib.contextmanager
+    def chunked_evaluation_loss(self):
+        """Only the loss is kept, so it too comes from the hidden states in chunks: the full logits of a batch
+        of 32 x 448 positions x 49152 tokens would be 2.8 GB of fp32 (11 GB peak RSS before)."""
+        self.loss_without_logits = True
+        try:
+            yield
+        finally:
+            self.loss_without_logits = False
 
     def parameters_sharded(self) -> bool:
         """Whether each rank holds only a slice of the weights (FSDP, DeepSpeed ZeRO-3), as Seq2SeqTrainer decides.
