@@ -94,6 +94,9 @@ def tiny_config(arch: str, vocab_size: int, tokenizer) -> object:
         "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=512, **ids),
         "llama": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=512, **ids),
+        # a sliding window shorter than the prompts: its KV cache keeps only the window
+        "mistral": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, max_position_embeddings=512, sliding_window=8, **ids),
         "t5": dict(d_model=32, d_ff=37, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2,
                    decoder_start_token_id=ids["pad_token_id"], **ids),
         "bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
@@ -132,7 +135,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: 
         tokenizer = AutoTokenizer.from_pretrained(MINILM if uses_wordpiece(arch) else bpe_tokenizer_dir)
         config = tiny_config(arch, len(tokenizer), tokenizer)
         torch.manual_seed(0)
-        if arch in DECODERS:
+        if arch in (*DECODERS, "mistral"):  # mistral: only where a sliding window is the point
             model = AutoModelForCausalLM.from_config(config)
         elif arch in SEQ2SEQ:
             model = AutoModelForSeq2SeqLM.from_config(config)

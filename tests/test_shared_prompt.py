@@ -101,9 +101,13 @@ def test_shared_forward_gives_the_separate_loss_and_outputs(arch, extra, tiny_mo
     assert torch.equal(shared[2], apart[2])
 
 
-def test_beam_search_runs_its_own_prefill(tiny_model_dir, tmp_path: Path) -> None:
-    """Beams copy the cache per beam: the loss forward's cache is not handed over, the outputs stay the same."""
-    trainer, batch = evaluation_trainer("llama", tiny_model_dir, tmp_path, "--num_beams", "2")
+@pytest.mark.parametrize(("arch", "extra"), [
+    pytest.param("llama", ["--num_beams", "2"], id="beam-search"),  # beams copy the cache per beam
+    pytest.param("mistral", [], id="sliding-window"),  # the cache keeps only the last positions
+])
+def test_where_the_cache_cannot_be_handed_over_generate_prefills(arch, extra, tiny_model_dir, tmp_path) -> None:
+    """The loss forward's cache is not handed over; the outputs stay the same."""
+    trainer, batch = evaluation_trainer(arch, tiny_model_dir, tmp_path, *extra)
     model = trainer.model.eval()
     widths, hook = forward_widths(model)
     try:
