@@ -7,11 +7,12 @@ precision (bf16 autocast where the CPU has bf16 units, as finetune decides) and 
 that saved them and by dtype (parameters excluded: they exist anyway). Then the backward, and the process's RSS
 and peak RSS after each stage. One arm per process, so that peaks are its own:
 
-    for arm in full lora lora_nn_dropout lora0; do python benchmarks/lora_memory.py $arm; done
+    for arm in full lora lora_mask_dropout lora_nn_dropout lora0; do python benchmarks/lora_memory.py $arm; done
 
 Arms: ``full`` (every weight trains), ``lora`` (r 16, all-linear, dropout 0.05, set up as finetune does:
-``adapters.with_new_adapter``), ``lora_nn_dropout`` (the same with peft's own ``nn.Dropout`` put back: what
-finetune did before), ``lora0`` (dropout 0). The loss is the model's own (full logits): it is the same for every
+``adapters.with_new_adapter``, the dropout inside lora_A), ``lora_mask_dropout`` (a ``MaskDropout`` module before
+a plain lora_A: finetune before that), ``lora_nn_dropout`` (peft's own ``nn.Dropout``: finetune before both),
+``lora0`` (dropout 0). The loss is the model's own (full logits): it is the same for every
 arm, and finetune's chunked loss (finetune.generation.chunked_loss) removes it from all of them alike.
 Not a test; no optimizer step (AdamW state and gradients add 1.6 GB to the full arm only).
 """
@@ -44,19 +45,32 @@ def smollm2_path() -> str:
     return found[0]
 
 
-def with_lora(model: nn.Module, dropout: float, nn_dropout: bool) -> nn.Module:
-    """The adapter as finetune sets it up (adapters.with_new_adapter), or with peft's nn.Dropout put back."""
+def with_lora(model: nn.Module, dropout: float, layout: str) -> nn.Module:
+    """The adapter as finetune sets it up (adapters.with_new_adapter), or with an earlier dropout layout put back.
+
+    ``layout``: ``finetune`` (the dropout inside lora_A: ``DroppedInputLinear``), ``mask`` (a ``MaskDropout``
+    module before a plain lora_A: finetune before that) or ``nn`` (peft's own ``nn.Dropout``: before both).
+    """
     from finetune import adapters
     from finetune.config import PeftSettings
+    from finetune.lora_dropout import DroppedInputLinear, MaskDropout
 
     settings = PeftSettings(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=dropout,
                             lora_target_modules=["all-linear"])
     wrapped = adapters.with_new_adapter(model, settings, "HuggingFaceTB/SmolLM2-135M-Instruct")
-    if nn_dropout:
-        for module in wrapped.modules():
-            if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
-                for name, dropout_module in module.lora_dropout.items():
-                    module.lora_dropout[name] = nn.Dropout(dropout_module.p)
+    if layout == "finetune":
+        return wrapped
+    for module in wrapped.modules():
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+            for name, a_matrix in module.lora_A.items():
+                if isinstance(a_matrix, DroppedInputLinear):
+                    plain = nn.Linear(a_matrix.in_features, a_matrix.out_features, bias=False, device="meta")
+                    plain.weight = a_matrix.weight
+                    module.lora_A[name] = plain
+                    module.lora_dropout[name] = nn.Dropout(a_matrix.p)
+                dropped = module.lora_dropout[name]
+                if isinstance(dropped, nn.Dropout):
+                    module.lora_dropout[name] = (MaskDropout if layout == "mask" else nn.Dropout)(dropped.p)
     return wrapped
 
 
@@ -71,7 +85,10 @@ def module_stack(model: nn.Module) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("arm", choices=["full", "lora", "lora_nn_dropout", "lora0"])
+    parser.add_argument("arm", choices=["full", "lora", "lora_mask_dropout", "lora_nn_dropout", "lora0"])
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+                        help="bf16 autocast: auto = where the CPU has bf16 units, as finetune decides; the graph's "
+                             "sizes do not depend on the host, so true measures bf16 runs' memory anywhere")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=448)
     parser.add_argument("--json", help="append this arm's figures to this JSON-lines file")
@@ -83,7 +100,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path())
     if opts.arm != "full":
-        model = with_lora(model, 0.0 if opts.arm == "lora0" else 0.05, opts.arm == "lora_nn_dropout")
+        layout = {"lora_nn_dropout": "nn", "lora_mask_dropout": "mask"}.get(opts.arm, "finetune")
+        model = with_lora(model, 0.0 if opts.arm == "lora0" else 0.05, layout)
     model.train()
     stack = module_stack(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -96,7 +114,8 @@ def main() -> None:
             saved[storage.data_ptr()] = (f"{where} {str(tensor.dtype).removeprefix('torch.')}", storage.nbytes())
         return tensor
 
-    bf16 = precision.cpu_bf16_unit(precision.cpu_flags()) is not None
+    bf16 = (precision.cpu_bf16_unit(precision.cpu_flags()) is not None if opts.bf16 == "auto"
+            else opts.bf16 == "true")
     ids = torch.randint(0, model.config.vocab_size, (opts.rows, opts.length))
     figures: dict = {"arm": opts.arm, "batch": [opts.rows, opts.length], "bf16_autocast": bf16,
                      "loaded": rss_mb()}

@@ -23,7 +23,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import FinetuneError
-from finetune.lora_dropout import with_mask_dropout
+from finetune.lora_dropout import with_dropout_in_lora_a, with_mask_dropout
 
 if TYPE_CHECKING:  # config imports the task registry, whose families load models through this module
     from finetune.config import PeftSettings
@@ -297,7 +297,12 @@ def with_new_adapter(model: Any, settings: PeftSettings, base_name: str, gradien
         raise FinetuneError(f"LoRA cannot be applied: {str(error).splitlines()[0]}") from None
     # The saved adapter names the checkpoint users know (a Hub id), not a local cache path.
     wrapped.peft_config["default"].base_model_name_or_path = base_name
-    with_mask_dropout(wrapped)  # a 1-byte mask per input element for the backward, not 4 bytes of noise
+    # What the backward keeps for LoRA's input dropout: nothing beyond the layer's input for plain LoRA layers,
+    # a 1-byte mask per input element (not 4 bytes of noise) for the variants that keep a dropout module.
+    # QLoRA keeps the dropout module: its exact-merge test was not re-established with the moved dropout.
+    if not quantize:
+        with_dropout_in_lora_a(wrapped)
+    with_mask_dropout(wrapped)
     return wrapped
 
 
