@@ -11,6 +11,10 @@ the real pipeline (``parse_run_config`` -> task -> tokenized datasets -> ``train
   (``--load_in_4bit true``) or 8-bit (``--load_in_8bit true``) through bitsandbytes (on a CPU: its CPU backend,
   ``pip install -e ".[qlora]"``).
 
+``--mallocs system,tcmalloc`` runs every arm under each malloc (``finetune.allocator``: the C library's, tuned
+as finetune tunes it, or tcmalloc preloaded as the command line does where it is installed); each run records the
+malloc it observed in its own process.
+
 The arms alternate within each round (full, lora, full, lora, ...) so that drift of a shared machine's load
 falls on both. Training time is measured from ``on_train_begin`` to ``on_train_end`` (evaluation and
 checkpointing off), then the validation metric is computed on the first ``--eval_samples`` rows.
@@ -75,6 +79,7 @@ class RunResult:
     eval_value: float | None = None
     train_loss: float | None = None
     threads: int = 0
+    malloc: str = ""
     load_average: list[float] = field(default_factory=list)
 
 
@@ -151,27 +156,42 @@ def run_arm(task_name: str, arm: str, round_: int, opts: argparse.Namespace) -> 
     # Peak resident memory of this process: model, activations, gradients, optimizer state (Linux: KiB).
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.threads = torch.get_num_threads()
+    result.malloc = allocator.malloc_in_use()
     result.load_average = [round(x, 1) for x in os.getloadavg()]
     return result
 
 
-def run_in_subprocess(task_name: str, arm: str, round_: int, argv: list[str]) -> RunResult:
+def malloc_environment(malloc: str) -> dict[str, str]:
+    """The environment a run starts in to get ``malloc`` (system or tcmalloc), as ``finetune``'s command line does."""
+    from finetune import allocator
+
+    system = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.RESTARTED_ENV)}
+    system[allocator.MALLOC_ENV] = malloc
+    if malloc == "system":
+        return system
+    environment = allocator.environment_with_tcmalloc(system)
+    if environment is None:
+        sys.exit("no tcmalloc installed (apt-get install libtcmalloc-minimal4): run with --mallocs system")
+    return environment
+
+
+def run_in_subprocess(task_name: str, arm: str, round_: int, argv: list[str], malloc: str) -> RunResult:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = handle.name
     command = [sys.executable, __file__, *argv, "--_child", f"{task_name}:{arm}", "--_round", str(round_),
                "--_result", result_path]
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=malloc_environment(malloc))
     values = json.loads(Path(result_path).read_text())
     os.unlink(result_path)
     return RunResult(**values)
 
 
 def summary_rows(results: list[RunResult]) -> list[dict[str, Any]]:
-    """Per task and arm: the median of each figure over its rounds, and LoRA's speed-up over full."""
+    """Per task, arm and malloc: the median of each figure over its rounds, and the speed-up over full (same malloc)."""
     rows = []
-    for key in dict.fromkeys((r.task, r.arm) for r in results):
-        runs = [r for r in results if (r.task, r.arm) == key]
-        row: dict[str, Any] = {"task": key[0], "arm": key[1], "rounds": len(runs)}
+    for key in dict.fromkeys((r.task, r.arm, malloc_name(r.malloc)) for r in results):
+        runs = [r for r in results if (r.task, r.arm, malloc_name(r.malloc)) == key]
+        row: dict[str, Any] = {"task": key[0], "arm": key[1], "malloc": key[2], "rounds": len(runs)}
         for name in ("train_samples_per_s", "steady_samples_per_s", "peak_rss_mb", "train_peak_rss_mb", "train_wall_s"):
             row[name] = statistics.median(getattr(r, name) for r in runs)
         values = [r.eval_value for r in runs if r.eval_value is not None]
@@ -180,26 +200,32 @@ def summary_rows(results: list[RunResult]) -> list[dict[str, Any]]:
                    optimizer_steps=runs[0].optimizer_steps, train_samples=runs[0].train_samples)
         rows.append(row)
     for row in rows:
-        full = next((r for r in rows if r["task"] == row["task"] and r["arm"] == "full"), None)
+        full = next((r for r in rows if (r["task"], r["arm"], r["malloc"]) == (row["task"], "full", row["malloc"])),
+                    None)
         row["speedup_vs_full"] = row["train_samples_per_s"] / full["train_samples_per_s"] if full else None
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| task | arm | steps x batch | train samples/s | x full | steady samples/s | peak RSS MB "
-             "(training) | trainable params | validation |", "|" + "---|" * 9]
+    lines = ["| task | arm | malloc | steps x batch | train samples/s | x full | steady samples/s | peak RSS MB "
+             "(training) | trainable params | validation |", "|" + "---|" * 10]
     for row in rows:
         share = row["trainable_parameters"] / row["total_parameters"]
         value = "-" if row["eval_value"] is None else f"{row['eval_metric']} {row['eval_value']:.4g}"
         speedup = "-" if row["speedup_vs_full"] is None else f"{row['speedup_vs_full']:.2f}"  # no full arm run
         batch = row["train_samples"] // row["optimizer_steps"]
         lines.append(
-            f"| {row['task']} | {row['arm']} | {row['optimizer_steps']} x {batch} "
+            f"| {row['task']} | {row['arm']} | {row['malloc']} | {row['optimizer_steps']} x {batch} "
             f"| {row['train_samples_per_s']:.3f} | {speedup} | {row['steady_samples_per_s']:.3f} "
             f"| {row['peak_rss_mb']:.0f} ({row['train_peak_rss_mb']:.0f}) "
             f"| {row['trainable_parameters']:,} ({share:.1%}) | {value} |"
         )
     return "\n".join(lines)
+
+
+def malloc_name(observed: str) -> str:
+    """tcmalloc / glibc ...: the first word of what a run observed."""
+    return observed.split(" ")[0] if observed else "-"
 
 
 def arm_list(text: str) -> list[str]:
@@ -212,6 +238,8 @@ def arm_list(text: str) -> list[str]:
 
 
 def main() -> int:
+    from finetune import precision
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="recipes to compare on")
     parser.add_argument("--arms", type=arm_list, default=list(DEFAULT_ARMS),
@@ -220,6 +248,9 @@ def main() -> int:
     parser.add_argument("--train_samples", type=int, default=256, help="training rows tokenized")
     parser.add_argument("--eval_samples", type=int, default=32, help="validation rows scored after training")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (the arms in turn) per task")
+    parser.add_argument("--mallocs", default="system",
+                        help="comma-separated: system (the C library's malloc as finetune tunes it), tcmalloc; every "
+                             "arm runs under each")
     parser.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout of the LoRA arms")
     parser.add_argument("--json", default=None, help="write every run and the summary here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -231,19 +262,24 @@ def main() -> int:
         Path(opts._result).write_text(json.dumps(asdict(run_arm(task_name, arm, opts._round, opts))))
         return 0
     argv = [a for a in sys.argv[1:] if not a.startswith("--json") and a != opts.json]
+    load_before = [round(x, 2) for x in os.getloadavg()]
     results = []
     for task_name in opts.tasks.split(","):
         for round_ in range(opts.rounds):
-            for arm in opts.arms:
-                result = run_in_subprocess(task_name, arm, round_, argv)
-                print(json.dumps(asdict(result)), flush=True)
-                results.append(result)
+            for malloc in opts.mallocs.split(","):
+                for arm in opts.arms:
+                    result = run_in_subprocess(task_name, arm, round_, argv, malloc)
+                    print(json.dumps(asdict(result)), flush=True)
+                    results.append(result)
     rows = summary_rows(results)
     print(table(rows))
+    print(f"load average before {load_before}, after {[round(x, 2) for x in os.getloadavg()]}")
     if opts.json:
         document = {
             "command": "python benchmarks/lora.py " + " ".join(sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "flags": sorted(f for f in precision.cpu_flags() if f.startswith(("avx512", "amx", "avx2")))},
+            "load_average": {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]},
             "runs": [asdict(r) for r in results],
             "summary": rows,
         }

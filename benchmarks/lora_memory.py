@@ -9,6 +9,11 @@ and peak RSS after each stage. One arm per process, so that peaks are its own:
 
     for arm in full lora lora_mask_dropout lora_nn_dropout lora0; do python benchmarks/lora_memory.py $arm; done
 
+``--steps N`` repeats forward + backward N times (the graph counted in the first) and times each: whether the
+process's memory is reused from step to step. The malloc the process runs with is its environment's, recorded
+with the figures (``LD_PRELOAD=.../libtcmalloc_minimal.so.4``, ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=N``,
+``THP_MEM_ALLOC_ENABLE=1``): BENCHMARKS.md 'Which malloc' ran every arm under each with ``--steps 3``.
+
 Arms: ``full`` (every weight trains), ``lora`` (r 16, all-linear, dropout 0.05, set up as finetune does:
 ``adapters.with_new_adapter``, the dropout inside lora_A), ``lora_mask_dropout`` (a ``MaskDropout`` module before
 a plain lora_A: finetune before that), ``lora_nn_dropout`` (peft's own ``nn.Dropout``: finetune before both),
@@ -26,6 +31,8 @@ import json
 import os
 import resource
 import sys
+import time
+from contextlib import nullcontext
 
 import psutil
 import torch
@@ -91,6 +98,9 @@ def main() -> None:
                              "sizes do not depend on the host, so true measures bf16 runs' memory anywhere")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=448)
+    parser.add_argument("--steps", type=int, default=1,
+                        help="forward + backward passes (the graph is counted in the first); later ones show whether "
+                             "the process's memory grows or is reused from step to step")
     parser.add_argument("--json", help="append this arm's figures to this JSON-lines file")
     opts = parser.parse_args()
     from transformers import AutoModelForCausalLM
@@ -119,23 +129,37 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (opts.rows, opts.length))
     figures: dict = {"arm": opts.arm, "batch": [opts.rows, opts.length], "bf16_autocast": bf16,
                      "loaded": rss_mb()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    # The allocator the process runs with is chosen before it starts (LD_PRELOAD, glibc tunables, PyTorch's THP).
+    figures["malloc"] = {name: os.environ[name] for name in ("LD_PRELOAD", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+                         if name in os.environ}
+    figures["steps"] = []
+    for step in range(opts.steps):
+        began = time.perf_counter()
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor) if step == 0 else nullcontext()
+        with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
-    figures["forward"] = rss_mb()
+        forward = rss_mb()
+        middle = time.perf_counter()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        figures["steps"].append({"forward": forward, "backward": rss_mb(), "forward_s": round(middle - began, 2),
+                                 "backward_s": round(time.perf_counter() - middle, 2)})
+        del loss
+    figures["forward"], figures["backward"] = figures["steps"][0]["forward"], figures["steps"][0]["backward"]
     by_kind: collections.Counter = collections.Counter()
     for kind, size in saved.values():
         by_kind[kind] += size
     figures["saved_mb"] = round(sum(by_kind.values()) / 2**20, 1)
     figures["saved_by_module_mb"] = {k: round(v / 2**20, 1) for k, v in by_kind.most_common()}
-    loss.backward()
-    figures["backward"] = rss_mb()
     print(f"{opts.arm}: autograd keeps {figures['saved_mb']:.0f} MB for the backward "
           f"(bf16 autocast {bf16}; batch {opts.rows} x {opts.length})")
     for kind, size in list(figures["saved_by_module_mb"].items())[:8]:
         print(f"  {kind:28s} {size:8.1f} MB")
-    for stage in ("loaded", "forward", "backward"):
-        print(f"  after {stage:9s} rss {figures[stage][0]:6.0f} MB  peak {figures[stage][1]:6.0f} MB")
+    print(f"  after loading   rss {figures['loaded'][0]:6.0f} MB  peak {figures['loaded'][1]:6.0f} MB")
+    for step, stages in enumerate(figures["steps"], 1):
+        for stage in ("forward", "backward"):
+            print(f"  step {step} {stage:9s} rss {stages[stage][0]:6.0f} MB  peak {stages[stage][1]:6.0f} MB  "
+                  f"{stages[stage + '_s']:6.1f} s")
     if opts.json:
         with open(opts.json, "a") as handle:
             handle.write(json.dumps(figures) + "\n")

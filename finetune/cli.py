@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune import __version__
+from finetune import __version__, allocator
 from finetune.distributed import prepare_launch_environment
 from finetune.errors import PREEMPTED_EXIT_CODE, USAGE_EXIT_CODE, FinetuneError, Preempted
 
@@ -41,7 +41,13 @@ tune, glue) prints the fully resolved settings and exits without loading or writ
 PRINT_CONFIG = "--print_config"
 
 
+#: the commands that train or run a model: their process restarts under tcmalloc where it is installed
+#: (finetune.allocator; FINETUNE_MALLOC=system keeps the C library's malloc)
+COMPUTING_COMMANDS = ("train", "evaluate", "predict", "glue", "tune")
+
+
 def main(argv: list[str] | None = None) -> int:
+    started_as_process = argv is None  # the console script or `python -m finetune`, not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"unknown command '{command}' (commands: {', '.join(COMMANDS)})")
     quiet_third_party_logs()
     try:
+        if started_as_process and command in COMPUTING_COMMANDS:
+            allocator.restart_with_tcmalloc()
         prepare_launch_environment()
         return COMMANDS[command](rest) or 0
     except FinetuneError as error:
@@ -84,8 +92,22 @@ def version_report() -> str:
     unit = precision.cpu_bf16_unit(precision.cpu_flags())
     cpu = f"cpu: {os.cpu_count()} cores, {unit.name if unit else 'no bf16 units'}"
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    lines += [cpu, f"gpu: {', '.join(gpus) if gpus else 'none'}"]
+    lines += [cpu, f"gpu: {', '.join(gpus) if gpus else 'none'}", f"malloc: {malloc_report()}"]
     return "\n".join(lines)
+
+
+def malloc_report() -> str:
+    """Which malloc the training commands would run with here, and how to choose the other."""
+    choice = os.environ.get(allocator.MALLOC_ENV, "tcmalloc")
+    library = allocator.tcmalloc_library()
+    if allocator.preloaded_malloc():
+        return f"{allocator.preloaded_malloc()}, preloaded"
+    if choice == "system":
+        return f"the C library's ({allocator.MALLOC_ENV}=system)"
+    if library is None or allocator.glibc() is None:
+        return "the C library's (no tcmalloc installed: apt-get install libtcmalloc-minimal4 for a faster one)"
+    commands = ", ".join(COMPUTING_COMMANDS)
+    return f"tcmalloc ({library}) for {commands}; {allocator.MALLOC_ENV}=system for the C library's"
 
 
 def take_flag(argv: list[str], flag: str) -> tuple[bool, list[str]]:

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune import allocator
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class RunInfo:
     frameworks: dict[str, str]
     #: the precision it computed in and why (finetune.precision); empty in runs recorded before it was kept
     precision: str = ""
+    #: what served its allocations (finetune.allocator): tcmalloc and its library, or glibc's malloc
+    malloc: str = ""
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / RUN_INFO_NAME
@@ -74,6 +77,7 @@ def run_info(config: RunConfig, task: Task) -> RunInfo:
         command=reproduce_command(config),
         frameworks=framework_versions(),
         precision=config.precision,
+        malloc=allocator.malloc_in_use(),
     )
 
 
