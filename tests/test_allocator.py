@@ -148,8 +148,9 @@ def test_an_unknown_malloc_choice_is_one_line(tiny_model_dir, tmp_path) -> None:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the restart under tcmalloc is for glibc Linux")
 def test_a_training_run_records_the_malloc_it_ran_with(tiny_model_dir, tmp_path) -> None:
     """`finetune train` restarts under tcmalloc where it is installed (CI installs libtcmalloc-minimal4), and
-    the run says so in run_info.json, as read from its own process's memory map; with FINETUNE_MALLOC=system it
-    runs on glibc's malloc, tuned (a full fine-tuning run keeps its freed memory)."""
+    the run says so in run_info.json, as read from its own process's memory map; without tcmalloc it runs on
+    glibc's malloc, tuned (a full fine-tuning run keeps its freed memory). In-process runs of the suite record
+    glibc's: test_run_info_records_glibc_in_process."""
     from finetune import allocator
 
     def trained(name: str, malloc: str) -> str:
@@ -165,8 +166,22 @@ def test_a_training_run_records_the_malloc_it_ran_with(tiny_model_dir, tmp_path)
         assert "tcmalloc: large alloc" not in done.stderr
         return json.loads((out / "run_info.json").read_text())["malloc"]
 
-    assert trained("system", "system") == "glibc (freed memory kept)"
     library = allocator.tcmalloc_library()
-    if library is None:
-        pytest.skip("no tcmalloc installed here (apt-get install libtcmalloc-minimal4); the system run passed")
+    if library is None:  # the C library's malloc, then
+        assert trained("system", "tcmalloc") == "glibc (freed memory kept)"
+        pytest.skip("no tcmalloc installed here (apt-get install libtcmalloc-minimal4); the glibc run passed")
     assert trained("tcmalloc", "tcmalloc") == f"tcmalloc ({os.path.realpath(library)})"
+
+
+def test_run_info_records_glibc_in_process(tiny_model_dir, tmp_path) -> None:
+    """A run started from Python (not the command line) is not restarted: it records the C library's malloc."""
+    from finetune import allocator
+    from finetune.cli import main
+
+    if platform.libc_ver()[0] != "glibc" or allocator.preloaded_malloc():
+        pytest.skip("glibc's malloc is what is recorded here (this pytest runs under another)")
+    out = tmp_path / "run"
+    assert main(["train", "--task_name", "mrpc", "--model_name_or_path", str(tiny_model_dir("bert")), "--output_dir",
+                 str(out), "--max_train_samples", "8", "--max_eval_samples", "8", "--max_steps", "1", "--report_to",
+                 "none", "--save_strategy", "no", "--load_best_model_at_end", "false"]) == 0
+    assert json.loads((out / "run_info.json").read_text())["malloc"] == "glibc (freed memory kept)"
