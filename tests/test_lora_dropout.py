@@ -197,3 +197,25 @@ def test_training_with_lora_dropout_moves_the_adapter(tiny_model_dir, tmp_path: 
     assert torch.isfinite(torch.tensor(result.training_loss))
     moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert moved == list(before)  # lora_B starts at zero: every one has trained
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_kept_mask_is_bernoulli_of_the_rounded_p_and_repeats_per_seed(p: float) -> None:
+    """The mask comes from 16-bit slices of 64-bit draws (4x fewer than bernoulli_): each element kept with
+    probability 1 - p (p rounded to 1/65536), independently of its neighbours, the same for the same seed."""
+    from finetune.lora_dropout import dropped_levels, keep_scale
+
+    shape = torch.Size((7, 101, 289))  # 204,323 elements: not a multiple of 4
+    mask = kept_mask(shape, p, 1234, torch.device("cpu"))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    assert torch.equal(mask, kept_mask(shape, p, 1234, torch.device("cpu")))
+    assert not torch.equal(mask, kept_mask(shape, p, 1235, torch.device("cpu")))
+    kept = 1 - dropped_levels(p) / 65536
+    assert abs(kept - (1 - p)) <= 1 / 65536
+    sigma = (kept * (1 - kept) / mask.numel()) ** 0.5
+    assert abs(mask.float().mean().item() - kept) < 5 * sigma
+    flat = mask.flatten().float()
+    # neighbours (same 64-bit draw or not) are independent: P(both kept) = kept^2
+    for lag in (1, 2, 3, 4):
+        assert abs((flat[:-lag] * flat[lag:]).mean().item() - kept**2) < 5 * sigma
+    assert keep_scale(p) * kept == pytest.approx(1, abs=1e-12)  # the dropped input's expectation is the input
