@@ -248,9 +248,9 @@ def main() -> int:
     parser.add_argument("--train_samples", type=int, default=256, help="training rows tokenized")
     parser.add_argument("--eval_samples", type=int, default=32, help="validation rows scored after training")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (the arms in turn) per task")
-    parser.add_argument("--mallocs", default="system",
+    parser.add_argument("--mallocs", default=None,
                         help="comma-separated: system (the C library's malloc as finetune tunes it), tcmalloc; every "
-                             "arm runs under each")
+                             "arm runs under each (default: what finetune's command line uses here)")
     parser.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout of the LoRA arms")
     parser.add_argument("--json", default=None, help="write every run and the summary here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -261,6 +261,10 @@ def main() -> int:
         task_name, arm = opts._child.split(":")
         Path(opts._result).write_text(json.dumps(asdict(run_arm(task_name, arm, opts._round, opts))))
         return 0
+    if opts.mallocs is None:
+        from finetune import allocator
+
+        opts.mallocs = "tcmalloc" if allocator.tcmalloc_library() and allocator.glibc() else "system"
     argv = [a for a in sys.argv[1:] if not a.startswith("--json") and a != opts.json]
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = []

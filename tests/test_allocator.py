@@ -136,7 +136,7 @@ def test_configure_leaves_a_preloaded_malloc_alone(monkeypatch) -> None:
     assert allocator.configure_for(trains_embeddings=True) is False
 
 
-def test_an_unknown_malloc_choice_is_one_line(tiny_model_dir, tmp_path) -> None:
+def test_an_unknown_malloc_choice_is_one_line(tmp_path) -> None:
     env = {**os.environ, "FINETUNE_MALLOC": "dlmalloc"}
     done = subprocess.run([sys.executable, "-m", "finetune", "train", "glue-mrpc", "--output_dir", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=120, env=env)
