@@ -100,8 +100,9 @@ def malloc_report() -> str:
     """Which malloc the training commands would run with here, and how to choose the other."""
     choice = os.environ.get(allocator.MALLOC_ENV, "tcmalloc")
     library = allocator.tcmalloc_library()
-    if allocator.preloaded_malloc():
-        return f"{allocator.preloaded_malloc()}, preloaded"
+    preloaded = allocator.preloaded_malloc()
+    if preloaded:
+        return f"{preloaded}, preloaded"
     if choice == "system":
         return f"the C library's ({allocator.MALLOC_ENV}=system)"
     if library is None or allocator.glibc() is None:

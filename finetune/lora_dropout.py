@@ -78,7 +78,7 @@ def kept_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
     for the same seed.
 
     A CPU ``bernoulli_`` draws one number per element from a serial generator: 26% of a fp32 LoRA step of SmolLM2
-    with the mask drawn twice (BENCHMARKS.md 'Which malloc'). Here each 64-bit draw is cut into four uniform 16-bit
+    with the mask drawn twice (BENCHMARKS.md 'LoRA's fp32 step'). Here each 64-bit draw is cut into four uniform 16-bit
     integers compared with a threshold: 3.7-4.6x faster for SmolLM2's layer inputs.
     """
     generator = torch.Generator(device=device)
