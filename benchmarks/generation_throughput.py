@@ -10,9 +10,12 @@ reports wall time, rows/s, eval_loss, ROUGE and how many predictions equal the f
     FINETUNE_HUB_MIRROR=../shared/hub HF_HUB_OFFLINE=1 \\
         python benchmarks/generation_throughput.py RUN_DIR [--rows N] [--batch 64] [--precisions fp32,bf16]
 
-Arms: ``apart`` (two forwards), ``shared`` (one forward), ``merged`` (one forward, the LoRA adapter merged into
-the base weights with peft's ``merge_adapter`` for the arm and unmerged after it; runs without an adapter skip
-it). ``--precisions`` runs the arms once per precision, each in a child process of this invocation (autocast is
+Arms: ``apart`` (two forwards), ``shared`` (one forward), ``bf16_weights`` (one forward, frozen Linear weights
+held in bf16 for the evaluation instead of cast by autocast at every forward: ``finetune.precision.
+frozen_linear_weights_in``, finetune's default under bf16; skipped in fp32, where it changes nothing), ``merged``
+(``bf16_weights`` with the LoRA adapter merged into the base weights by peft's ``merge_adapter`` for the arm and
+unmerged after it; runs without an adapter skip it). ``--arms`` picks some. ``--precisions`` runs the arms once
+per precision, each in a child process of this invocation (autocast is
 decided when the Trainer is built), one after the other; without it, the run's own precision decision.
 RUN_DIR is a finished generation run (docs/lora.md gives the SciTLDR LoRA command). ``--rows`` takes the
 first N validation rows (default: all). Every arm first scores the first ``--batch`` / 8 rows unrecorded, so
@@ -35,15 +38,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_info  # noqa: E402
 
-ARMS = ("apart", "shared", "merged")
+ARMS = ("apart", "shared", "bf16_weights", "merged")
 PRECISION_FLAGS = {"fp32": ["--bf16", "false"], "bf16": ["--bf16", "true"]}
 SCORES = ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len")
 
 
 @contextlib.contextmanager
 def arm_settings(trainer: Any, arm: str):
-    """The trainer as the arm runs it: shared prompt forward or not, the adapter merged or not."""
+    """The trainer as the arm runs it: shared prompt forward or not, bf16 weights or not, the adapter merged or not."""
     trainer.share_prompt_forward = arm != "apart"
+    trainer.frozen_weights_in_bf16 = arm in ("bf16_weights", "merged")
     merge = arm == "merged"
     if merge:
         trainer.model.merge_adapter()
@@ -71,7 +75,9 @@ def measured_arms(opts: argparse.Namespace, extra_flags: list[str]) -> dict[str,
         flags += ["--max_final_eval_samples", str(opts.rows)]
     config, _ = cli.inference_config(flags, "bench")
     task, trainer, _, tokenized = pipeline.load_for_inference(config)
-    arms = [a for a in ARMS if a != "merged" or adapters.is_peft_model(trainer.model)]
+    bf16 = trainer.args.bf16
+    arms = [a for a in opts.arms.split(",") if (a != "merged" or adapters.is_peft_model(trainer.model))
+            and (a != "bf16_weights" or bf16)]
     rows = tokenized["validation"]
     if opts.rows is not None:
         rows = rows.select(range(min(opts.rows, len(rows))))
@@ -95,7 +101,8 @@ def child_result(opts: argparse.Namespace, precision: str) -> dict[str, Any]:
     """measured_arms in a fresh process under one precision."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "arms.json"
-        command = [sys.executable, __file__, opts.run_dir, "--batch", str(opts.batch), "--child", str(out),
+        command = [sys.executable, __file__, opts.run_dir, "--batch", str(opts.batch), "--arms", opts.arms,
+                   "--child", str(out),
                    "--child-precision", precision] + (["--rows", str(opts.rows)] if opts.rows is not None else [])
         subprocess.run(command, check=True)
         return json.loads(out.read_text())
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="per_device_eval_batch_size (finetune evaluate's)")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16: the arms once per precision (default: the run's decision)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--json", default="benchmarks/results/generation_throughput.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-precision", help=argparse.SUPPRESS)

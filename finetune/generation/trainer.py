@@ -25,6 +25,7 @@ from finetune.distributed import FsdpTrainerMixin
 from finetune.generation.chunked_loss import HiddenStateLoss
 from finetune.generation.encoding import IGNORE_INDEX
 from finetune.generation.shared_prompt import cache_reusable, prompt_aligned, prompt_cache, takes_position_ids
+from finetune.precision import frozen_linear_weights_in
 from finetune.tokens import TokensNotPickled
 
 
@@ -87,6 +88,18 @@ class GenerationTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling
         self.share_prompt_forward = share_prompt_forward
         #: set while an evaluation batch needs its loss alone (its predictions come from generate)
         self.loss_without_logits = False
+        #: under bf16 autocast, evaluation holds frozen Linear weights in bf16 instead of casting them at every
+        #: forward (``frozen_linear_weights_in``); False casts them as autocast does (benchmarks compare both)
+        self.frozen_weights_in_bf16 = True
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        with frozen_linear_weights_in(self.model, self.evaluation_weight_dtype()):
+            return super().evaluation_loop(*args, **kwargs)
+
+    def evaluation_weight_dtype(self) -> torch.dtype | None:
+        """bf16 where evaluation runs under bf16 autocast on whole (unsharded) weights; None: leave them."""
+        bf16 = self.accelerator.mixed_precision == "bf16" and not self.args.bf16_full_eval
+        return torch.bfloat16 if bf16 and self.frozen_weights_in_bf16 and not self.parameters_sharded() else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chunked = isinstance(self.compute_loss_func, HiddenStateLoss)
