@@ -11,7 +11,7 @@ reports wall time, rows/s, eval_loss, ROUGE and how many predictions equal the f
         python benchmarks/generation_throughput.py RUN_DIR [--rows N] [--batch 64] [--precisions fp32,bf16]
 
 Arms: ``apart`` (two forwards), ``shared`` (one forward), ``bf16_weights`` (one forward, frozen Linear weights
-held in bf16 for the evaluation instead of cast by autocast at every forward: ``finetune.precision.
+held in bf16 for the evaluation instead of cast by autocast at every forward: ``finetune.frozen_weights.
 frozen_linear_weights_in``, finetune's default under bf16; skipped in fp32, where it changes nothing), ``merged``
 (``bf16_weights`` with the LoRA adapter merged into the base weights by peft's ``merge_adapter`` for the arm and
 unmerged after it; runs without an adapter skip it). ``--arms`` picks some. ``--precisions`` runs the arms once

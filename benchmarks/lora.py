@@ -9,7 +9,9 @@ the real pipeline (``parse_run_config`` -> task -> tokenized datasets -> ``train
   rate: the comparison is of cost per step, not of tuned quality);
 * ``qlora4``, ``qlora8`` (only when named in ``--arms``): the ``lora`` arm over a base loaded in 4-bit NF4
   (``--load_in_4bit true``) or 8-bit (``--load_in_8bit true``) through bitsandbytes (on a CPU: its CPU backend,
-  ``pip install -e ".[qlora]"``).
+  ``pip install -e ".[qlora]"``);
+* ``lora_fp32_frozen`` (only when named): the ``lora`` arm with its frozen Linear weights kept in fp32 through
+  training, as before ``finetune.frozen_weights`` (the same run as ``lora`` where training is fp32).
 
 ``--mallocs system,tcmalloc`` runs every arm under each malloc (``finetune.allocator``: the C library's, tuned
 as finetune tunes it, or tcmalloc preloaded as the command line does where it is installed); each run records the
@@ -56,6 +58,10 @@ ARMS["qlora8"] = {**ARMS["lora"], "load_in_8bit": True}
 # --gradient_checkpointing: each block's activations recomputed in the backward instead of kept
 ARMS["full_gc"] = {"gradient_checkpointing": True}
 ARMS["lora_gc"] = {**ARMS["lora"], "gradient_checkpointing": True}
+# LoRA as before finetune.frozen_weights: the frozen Linear weights kept in fp32 through training (under bf16
+# autocast; in fp32 the two arms are the same run). A Trainer attribute, not a setting: TRAINER_ATTRIBUTES.
+ARMS["lora_fp32_frozen"] = {**ARMS["lora"], "release_frozen_weights": False}
+TRAINER_ATTRIBUTES = ("release_frozen_weights",)
 #: the arms run when --arms is not given (the QLoRA arms need bitsandbytes)
 DEFAULT_ARMS = ("full", "lora")
 
@@ -126,7 +132,7 @@ def run_arm(task_name: str, arm: str, round_: int, opts: argparse.Namespace) -> 
         "max_steps": opts.steps, "eval_strategy": "no", "save_strategy": "no", "load_best_model_at_end": False,
         "report_to": "none", "disable_tqdm": True, "logging_steps": 1,
         "output_dir": tempfile.mkdtemp(prefix=f"bench-{arm}-"), "overwrite_output_dir": True,
-        **task_settings, **ARMS[arm],
+        **task_settings, **{k: v for k, v in ARMS[arm].items() if k not in TRAINER_ATTRIBUTES},
     }
     if ARMS[arm].get("use_peft"):  # every LoRA arm: the same adapter settings
         overrides["lora_dropout"] = opts.lora_dropout
@@ -137,6 +143,9 @@ def run_arm(task_name: str, arm: str, round_: int, opts: argparse.Namespace) -> 
     model = trainable_model(task.load_model(tokenizer), config)
     timer = timing_callback()
     trainer = task.build_trainer(model, tokenizer, tokenized["train"], None, [timer])
+    for name in TRAINER_ATTRIBUTES:
+        if name in ARMS[arm]:
+            setattr(trainer, name, ARMS[arm][name])
     output = trainer.train()
     batch = config.training.per_device_train_batch_size
     result = RunResult(task=task_name, arm=arm, round=round_, optimizer_steps=trainer.state.global_step)

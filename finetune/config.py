@@ -384,8 +384,9 @@ class TrainConfig(TokensNotPickled, TrainingArguments):
         metadata={
             "help": "Decoder-only models on summarization/translation: compute the training loss from the final "
             "hidden states of the labelled positions, 1024 at a time, so the batch's full vocabulary-wide logits "
-            "never exist (finetune/generation/chunked_loss.py; same loss and gradients). Off under FSDP/DeepSpeed "
-            "and for heads with logit scaling or soft-capping; false: the model's own loss from full logits."
+            "never exist (finetune/generation/chunked_loss.py; same loss and gradients). Off on several processes "
+            "(DDP), under FSDP/DeepSpeed and for heads with logit scaling or soft-capping; false: the model's own "
+            "loss from full logits."
         },
     )
     hub_strategy: HubStrategy | str = _training_default("hub_strategy", "end")

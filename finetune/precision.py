@@ -18,9 +18,7 @@ Trainer is then told to stay on the CPU (``use_cpu``), which transformers otherw
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,33 +162,3 @@ def cpu_settings(bf16: bool, on_cpu: bool, explicit: set[str], values: dict[str,
     if bf16 and on_cpu and "use_cpu" not in explicit and not values.get("use_cpu") and sharded_engine() != "DeepSpeed":
         settings["use_cpu"] = True
     return settings
-
-
-@contextlib.contextmanager
-def frozen_linear_weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
-    """Within: the frozen fp32 weights and biases of ``model``'s Linear layers held in ``dtype`` (the autocast
-    dtype), the original parameters put back after; yields how many layers were changed.
-
-    Autocast keeps its bf16 copy of a weight for the rest of the autocast region only for tensors that require a
-    gradient; a frozen weight (LoRA's base model, every weight of a loaded adapter run) is cast anew by every
-    forward, and generation runs a forward per new token: the whole model read as fp32 and written as bf16 for
-    each one. Linear layers are what autocast computes in ``dtype`` anyway, so their products are bit for bit
-    those of autocast (tests/test_frozen_weights.py); other weights (norms, embeddings) stay as they are. A
-    weight tied to the embedding gets a copy on the Linear only, so the embedding still looks up fp32 rows.
-    Quantized layers (bitsandbytes' Linear4bit/8bitLt subclass Linear; their weights are not fp32) are skipped.
-    """
-    originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
-    if dtype is not None:
-        for module in model.modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            for name in ("weight", "bias"):
-                param = getattr(module, name, None)
-                if isinstance(param, torch.nn.Parameter) and param.dtype == torch.float32 and not param.requires_grad:
-                    originals.append((module, name, param))
-                    setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
-    try:
-        yield len({id(module) for module, _, _ in originals})
-    finally:
-        for module, name, param in originals:
-            setattr(module, name, param)

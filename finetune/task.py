@@ -42,6 +42,7 @@ from finetune.batching import FinetuneSampling, in_row_order, longest_first, lon
 from finetune.compile import RegionalCompileMixin
 from finetune.distributed import FsdpTrainerMixin
 from finetune.errors import FinetuneError
+from finetune.frozen_weights import FrozenWeightsMixin
 from finetune.precision import accelerator_kind
 
 if TYPE_CHECKING:  # config imports the task registry to resolve settings at parse time
@@ -57,9 +58,10 @@ def pad_multiple(config: RunConfig) -> int | None:
     return 8 if mixed and not args.use_cpu and accelerator_kind() is not None else None
 
 
-class FinetuneTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling, Trainer):
+class FinetuneTrainer(FrozenWeightsMixin, RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling, Trainer):
     """The Trainer of classification tasks: finetune's batching (``finetune.batching``), FSDP fixes
-    (``finetune.distributed``), regional compilation (``finetune.compile``)."""
+    (``finetune.distributed``), regional compilation (``finetune.compile``), LoRA's frozen weights in bf16
+    (``finetune.frozen_weights``)."""
 
 
 class Task(ABC):

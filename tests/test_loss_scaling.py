@@ -113,8 +113,12 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(kind, no_dro
 
 
 @pytest.mark.distributed
-def test_two_processes_take_the_same_step_as_one(no_dropout_model, tmp_path: Path) -> None:
-    source = no_dropout_model("t5")
+@pytest.mark.parametrize("arch", [
+    "t5",
+    "llama",  # a decoder: its chunked loss, which runs the head outside DDP's forward, is off on 2 processes
+])
+def test_two_processes_take_the_same_step_as_one(arch, no_dropout_model, tmp_path: Path) -> None:
+    source = no_dropout_model(arch)
     one, two = tmp_path / "one", tmp_path / "two"
     common = [*TRANSLATION, "--model_name_or_path", str(source), *ONE_STEP, "--gradient_accumulation_steps", "2"]
     threads = torch.get_num_threads()

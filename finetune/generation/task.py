@@ -257,12 +257,9 @@ class GenerationTask(Task):
     def trainer(self, **kwargs: Any) -> Trainer:
         args = seq2seq_arguments(self.config.trainer_arguments())
         decoder_only = self.kind is ModelKind.DECODER_ONLY
+        loss = self.loss_function(kwargs.get("model"), args)
         return GenerationTrainer(
-            args=args,
-            decoder_only=decoder_only,
-            padding_free=self.padding_free(),
-            compute_loss_func=self.loss_function(kwargs.get("model"), args),
-            **kwargs,
+            args=args, decoder_only=decoder_only, padding_free=self.padding_free(), compute_loss_func=loss, **kwargs,
         )
 
     def loss_function(self, model: Any, args: TrainingArguments) -> Any:
@@ -274,6 +271,11 @@ class GenerationTask(Task):
             return None  # the model's own ForCausalLMLoss, normalised by num_items_in_batch
         sharded = bool(args.fsdp) or args.deepspeed is not None or os.environ.get("ACCELERATE_USE_FSDP") == "true"
         reason = "its head weights are sharded (FSDP/DeepSpeed)" if sharded else unsupported_reason(model)
+        if not reason and args.world_size > 1:
+            # The chunks run the head outside DDP's forward: DDP's gradient hooks then fire more than once per
+            # step ("marked as ready twice"), and with static_graph the step differs from one process's
+            # (tests/test_loss_scaling.py: 2 processes must take 1 process's step).
+            reason = f"{args.world_size} processes (DDP reduces the head's gradient once per forward)"
         if reason:
             logger.info("chunked loss off: %s; the loss comes from the full logits", reason)
             return None

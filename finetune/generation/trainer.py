@@ -22,10 +22,10 @@ from transformers.trainer_pt_utils import LabelSmoother
 from finetune.batching import FinetuneSampling
 from finetune.compile import RegionalCompileMixin
 from finetune.distributed import FsdpTrainerMixin
+from finetune.frozen_weights import FrozenWeightsMixin, frozen_linear_weights_in
 from finetune.generation.chunked_loss import HiddenStateLoss
 from finetune.generation.encoding import IGNORE_INDEX
 from finetune.generation.shared_prompt import cache_reusable, prompt_aligned, prompt_cache, takes_position_ids
-from finetune.precision import frozen_linear_weights_in
 from finetune.tokens import TokensNotPickled
 
 
@@ -69,7 +69,7 @@ class TokenMeanLoss:
         return ForMaskedLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 
-class GenerationTrainer(RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling, Seq2SeqTrainer):
+class GenerationTrainer(FrozenWeightsMixin, RegionalCompileMixin, FsdpTrainerMixin, FinetuneSampling, Seq2SeqTrainer):
     """Seq2SeqTrainer whose evaluation generates; decoder-only models generate from the prompt alone.
 
     FinetuneSampling keeps evaluation batches in dataset order (transformers would group them by length at
