@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -82,19 +81,21 @@ def releasable_linear_parameters(model: torch.nn.Module) -> list[torch.nn.Parame
     return list(found.values())
 
 
-def spilled(tensors: list[torch.Tensor], directory: Path) -> list[torch.Tensor]:
-    """``tensors`` written to a file in ``directory`` and mapped back from it (read from disk only when used).
-
-    The file is unlinked at once: the mapping keeps it readable, and a killed run leaves nothing behind.
-    """
+def spilled(tensors: list[torch.Tensor], directory: Path) -> BinaryIO:
+    """``tensors`` written to a nameless file in ``directory`` (``O_TMPFILE`` where the OS has it: a killed run
+    leaves nothing behind), for :func:`read_back`. Not mapped: a mapping's pages, once read, count as the
+    process's resident memory, and nothing reads them before training ends."""
     directory.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".frozen-fp32-{os.getpid()}-", suffix=".pt", dir=directory)
-    os.close(handle)
-    try:
-        torch.save(tensors, name)
-        return torch.load(name, mmap=True, weights_only=True)
-    finally:
-        os.unlink(name)
+    handle = tempfile.TemporaryFile(prefix=".frozen-fp32-", suffix=".pt", dir=directory)
+    torch.save(tensors, handle)
+    return handle
+
+
+def read_back(handle: BinaryIO) -> list[torch.Tensor]:
+    """The tensors :func:`spilled` wrote, read into memory; the file is closed (and so deleted)."""
+    with handle:
+        handle.seek(0)
+        return torch.load(handle, weights_only=True)
 
 
 @contextlib.contextmanager
@@ -107,24 +108,24 @@ def frozen_linear_weights_released(
     and keep the cast for its backward, beside an fp32 original nothing reads until training ends. Each
     parameter keeps its identity (its ``.data`` changes dtype, as ``Module.half()`` does), so DDP, the optimizer
     and ties see the same objects. A weight that bf16 holds exactly (a checkpoint stored in bf16) comes back by
-    upcasting; any other is written to a file in ``spill_dir`` first and read back from it. Yields how many
+    upcasting; any other is written to a nameless file in ``spill_dir`` first and read back from it. Yields how many
     parameters came back each way (``exact``, ``spilled``).
     """
     params = releasable_linear_parameters(model) if dtype is not None else []
     low = [param.detach().to(dtype) for param in params]
     exact = [torch.equal(copy.to(param.dtype), param.detach()) for param, copy in zip(params, low, strict=True)]
-    kept = spilled([p.detach() for p, is_exact in zip(params, exact, strict=True) if not is_exact], spill_dir) \
-        if not all(exact) else []
+    to_spill = [p.detach() for p, is_exact in zip(params, exact, strict=True) if not is_exact]
+    handle = spilled(to_spill, spill_dir) if to_spill else None
+    counts = {"exact": sum(exact), "spilled": len(to_spill)}
     for param, copy in zip(params, low, strict=True):
         param.data = copy
-    del low
+    del low, to_spill
     try:
-        yield {"exact": sum(exact), "spilled": len(kept)}
+        yield counts
     finally:
-        stored = iter(kept)
+        stored = iter(read_back(handle) if handle is not None else [])
         for param, is_exact in zip(params, exact, strict=True):
-            original = param.detach().float() if is_exact else next(stored).to(param.device, copy=True)
-            param.data = original
+            param.data = param.detach().float() if is_exact else next(stored).to(param.device)
 
 
 class FrozenWeightsMixin:
